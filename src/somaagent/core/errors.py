@@ -1,0 +1,88 @@
+"""The `SomaError` hierarchy: typed, serializable domain errors.
+
+Domain code raises these; `api/errors.py` maps them (in one table) to HTTP statuses and
+OpenAI-style JSON bodies. Each message names the bad value and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class SomaError(Exception):
+    """Base of every error SomaAgent raises on purpose."""
+
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(SomaError):
+    """The caller sent something we cannot act on; the message says what and how to fix it."""
+
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt plus the requested completion do not fit the model's context window."""
+
+    code = "context_length_exceeded"
+
+
+class PayloadTooLarge(InvalidRequest):
+    """The request body is larger than the configured cap."""
+
+    code = "request_too_large"
+
+
+class Unauthenticated(SomaError):
+    """No credentials, or credentials that are not valid (unknown, revoked, malformed)."""
+
+    code = "invalid_api_key"
+
+
+class Forbidden(SomaError):
+    """Authenticated, but not allowed to do this."""
+
+    code = "forbidden"
+
+
+class NotFound(SomaError):
+    """The named thing does not exist for this caller (other tenants' things do not exist either)."""
+
+    code = "not_found"
+
+
+class Conflict(SomaError):
+    """The request conflicts with existing state (a duplicate name, say)."""
+
+    code = "conflict"
+
+
+class RateLimited(SomaError):
+    """Too many requests; retry after `retry_after` seconds."""
+
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
+
+
+class Overloaded(SomaError):
+    """The server is at capacity (the model's wait queue is full); retry after `retry_after` seconds."""
+
+    code = "server_overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UpstreamError(SomaError):
+    """A model provider failed or timed out (after every fallback was tried)."""
+
+    code = "upstream_error"

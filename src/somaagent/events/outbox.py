@@ -1,0 +1,103 @@
+"""Writing events: into the caller's transaction, or buffered for high-rate facts like usage."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from somaagent.events.schemas import Event
+from somaagent.events.tables import OutboxEvent
+
+log = logging.getLogger(__name__)
+
+
+def _row(event: Event) -> dict[str, object]:
+    return {
+        "id": event.id,
+        "topic": event.topic,
+        "type": event.type,
+        "version": event.version,
+        "tenant_id": event.tenant_id,
+        "actor": event.actor,
+        "occurred_at": event.occurred_at,
+        "data": event.data,
+        "attempts": 0,
+    }
+
+
+def add_event(session: AsyncSession, event: Event) -> None:
+    """Stage `event` in the session's transaction: it commits, or rolls back, with the state change."""
+    session.add(OutboxEvent(**_row(event)))
+
+
+async def insert_events(session: AsyncSession, events: Sequence[Event]) -> None:
+    """Insert many events in one statement (the caller commits)."""
+    if events:
+        await session.execute(insert(OutboxEvent), [_row(e) for e in events])
+
+
+class BufferedEmitter:
+    """Collects events that have no other state to share a transaction with (model usage),
+    and writes them to the outbox in batches: one transaction per `flush_ms` instead of one per
+    request. An event is durable once flushed; `close()` flushes what is left on shutdown."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        flush_ms: int,
+        on_flushed: Callable[[], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self._interval = flush_ms / 1000
+        self._buffer: list[Event] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._on_flushed = on_flushed
+
+    def emit(self, event: Event) -> None:
+        """Queue an event; never blocks the request."""
+        self._buffer.append(event)
+        self._wakeup.set()
+
+    def start(self) -> None:
+        """Begin the background flush loop."""
+        self._task = asyncio.create_task(self._run(), name="outbox-flush")
+
+    async def flush(self) -> None:
+        """Write everything buffered so far."""
+        batch, self._buffer = self._buffer, []
+        if not batch:
+            return
+        try:
+            async with self._sessions() as session, session.begin():
+                await insert_events(session, batch)
+        except Exception:
+            # Keep the events and try again next tick rather than lose usage records.
+            log.exception("outbox flush failed; %d events kept for retry", len(batch))
+            self._buffer[:0] = batch
+            return
+        if self._on_flushed is not None:
+            result = self._on_flushed()
+            if result is not None:
+                await result
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await asyncio.sleep(self._interval)
+            await self.flush()
+
+    async def close(self) -> None:
+        """Stop the loop and flush the remainder."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self.flush()

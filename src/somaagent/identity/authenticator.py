@@ -1,0 +1,135 @@
+"""Bearer key → `Principal`, with an in-process cache that revocations invalidate."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from somaagent.core.clock import utcnow
+from somaagent.core.errors import Unauthenticated
+from somaagent.core.principal import Principal
+from somaagent.identity.keys import hash_key, looks_like_key
+from somaagent.identity.service import revocation_epoch, touch_keys
+from somaagent.identity.tables import ApiKey, Tenant
+
+log = logging.getLogger(__name__)
+
+LAST_USED_FLUSH_S = 10.0
+MAX_CACHED = 100_000
+
+
+class KeyAuthenticator:
+    """Authenticates API keys. Cache hits cost one HMAC and a dict lookup; a revocation in this
+    process drops the cache at once, and other processes notice the revocation epoch within
+    `poll_s`. Last-used times are written in batches, not on every request."""
+
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], secret: bytes, ttl_s: float, poll_s: float
+    ) -> None:
+        self._sessions = sessions
+        self._secret = secret
+        self._ttl_s = ttl_s
+        self._poll_s = poll_s
+        self._cache: dict[str, tuple[Principal, float]] = {}
+        self._last_used: dict[str, datetime] = {}
+        self._epoch = -1
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The principal for an `Authorization: Bearer <key>` header value, or `Unauthenticated`."""
+        if not authorization:
+            raise Unauthenticated(
+                "missing API key: send `Authorization: Bearer <key>`; create a key with "
+                "`soma keys create --tenant T`"
+            )
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not looks_like_key(token):
+            raise Unauthenticated("malformed API key: expected `Authorization: Bearer sk-soma-...`")
+        digest = hash_key(self._secret, token)
+        cached = self._cache.get(digest)
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            principal = cached[0]
+        else:
+            principal = await self._lookup(digest)
+            if len(self._cache) >= MAX_CACHED:
+                self._cache.clear()
+            self._cache[digest] = (principal, now + self._ttl_s)
+        if principal.key_id is not None:
+            self._last_used[principal.key_id] = utcnow()
+        return principal
+
+    async def _lookup(self, digest: str) -> Principal:
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    select(ApiKey.id, ApiKey.scope, ApiKey.revoked_at, Tenant.id, Tenant.name, Tenant.disabled)
+                    .join(Tenant, Tenant.id == ApiKey.tenant_id)
+                    .where(ApiKey.key_hash == digest)
+                )
+            ).first()
+        if row is None:
+            raise Unauthenticated("invalid API key")
+        key_id, scope, revoked_at, tenant_id, tenant_name, disabled = row
+        if revoked_at is not None:
+            raise Unauthenticated("this API key has been revoked; create a new one with `soma keys create`")
+        if disabled:
+            raise Unauthenticated(f"tenant {tenant_name!r} is disabled")
+        return Principal(
+            tenant_id=tenant_id,
+            tenant_name=tenant_name,
+            subject=f"key:{key_id}",
+            key_id=key_id,
+            is_admin=scope == "admin",
+        )
+
+    def invalidate(self) -> None:
+        """Forget every cached key (called after a revocation in this process)."""
+        self._cache.clear()
+
+    def start(self) -> None:
+        """Begin polling the revocation epoch and flushing last-used times."""
+        self._tasks = [
+            asyncio.create_task(self._poll_revocations(), name="key-revocations"),
+            asyncio.create_task(self._flush_last_used_loop(), name="key-last-used"),
+        ]
+
+    async def close(self) -> None:
+        """Stop background work, keeping the last-used times gathered so far."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.flush_last_used()
+
+    async def _poll_revocations(self) -> None:
+        while True:
+            try:
+                async with self._sessions() as session:
+                    epoch = await revocation_epoch(session)
+                if epoch != self._epoch:
+                    self._cache.clear()
+                    self._epoch = epoch
+            except Exception as exc:  # a database blip must not kill the poller
+                log.warning("revocation poll failed: %s", exc)
+            await asyncio.sleep(self._poll_s)
+
+    async def _flush_last_used_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LAST_USED_FLUSH_S)
+            try:
+                await self.flush_last_used()
+            except Exception as exc:
+                log.warning("last-used flush failed: %s", exc)
+
+    async def flush_last_used(self) -> None:
+        """Write the gathered last-used times."""
+        pending, self._last_used = self._last_used, {}
+        if pending:
+            async with self._sessions() as session, session.begin():
+                await touch_keys(session, pending)

@@ -1,0 +1,160 @@
+"""Tenants and API keys: create, list, revoke. Every change writes an audit event in its transaction."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from somaagent.core.clock import utcnow
+from somaagent.core.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from somaagent.core.ids import new_id
+from somaagent.core.principal import Principal
+from somaagent.events.outbox import add_event
+from somaagent.events.schemas import AUDIT_EVENTS, Event
+from somaagent.identity.keys import generate_key, hash_key, visible_prefix
+from somaagent.identity.tables import ApiKey, RevocationEpoch, Tenant
+
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+KEY_SCOPES = ("tenant", "admin")
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    """A new key: `secret` is shown once and never stored."""
+
+    key: ApiKey
+    secret: str
+
+
+def _audit(session: AsyncSession, actor: str, tenant_id: str, action: str, **data: object) -> None:
+    add_event(session, Event(topic=AUDIT_EVENTS, type=action, tenant_id=tenant_id, actor=actor, data=data))
+
+
+def _require_admin(principal: Principal) -> None:
+    if not principal.is_admin:
+        raise Forbidden("this needs an admin key; create one with `soma keys create --tenant T --admin`")
+
+
+async def create_tenant(session: AsyncSession, principal: Principal | None, name: str) -> Tenant:
+    """Create a tenant (admins only; `principal=None` is the local CLI, which is the operator)."""
+    if principal is not None:
+        _require_admin(principal)
+    if not TENANT_NAME.match(name):
+        raise InvalidRequest(
+            f"invalid tenant name {name!r}: use 1-63 lowercase letters, digits, '-' or '_'", param="name"
+        )
+    if await session.scalar(select(Tenant.id).where(Tenant.name == name)):
+        raise Conflict(f"tenant {name!r} already exists", param="name")
+    tenant = Tenant(id=new_id("ten"), name=name, created_at=utcnow(), disabled=False)
+    session.add(tenant)
+    _audit(session, _actor(principal), tenant.id, "tenant.created", name=name)
+    try:
+        await session.flush()
+    except IntegrityError as exc:  # a concurrent create of the same name
+        raise Conflict(f"tenant {name!r} already exists", param="name") from exc
+    return tenant
+
+
+async def list_tenants(session: AsyncSession, principal: Principal | None) -> list[Tenant]:
+    """All tenants for an admin; only its own for anyone else."""
+    query = select(Tenant).order_by(Tenant.created_at)
+    if principal is not None and not principal.is_admin:
+        query = query.where(Tenant.id == principal.tenant_id)
+    return list((await session.scalars(query)).all())
+
+
+async def get_tenant(session: AsyncSession, principal: Principal | None, ref: str) -> Tenant:
+    """A tenant by id or name, if the caller may see it."""
+    tenant = await session.scalar(select(Tenant).where((Tenant.id == ref) | (Tenant.name == ref)))
+    if tenant is None or (principal is not None and not principal.can_act_for(tenant.id)):
+        raise NotFound(f"no tenant {ref!r}; list them with `soma tenants list`", param="tenant")
+    return tenant
+
+
+async def create_key(
+    session: AsyncSession,
+    principal: Principal | None,
+    secret: bytes,
+    tenant_ref: str,
+    name: str,
+    scope: str = "tenant",
+) -> CreatedKey:
+    """Create an API key for a tenant. Only admins create admin keys or keys for other tenants."""
+    if scope not in KEY_SCOPES:
+        raise InvalidRequest(f"scope must be one of {KEY_SCOPES}, not {scope!r}", param="scope")
+    if not name or len(name) > 64:
+        raise InvalidRequest("key name must be 1-64 characters", param="name")
+    tenant = await get_tenant(session, principal, tenant_ref)
+    if principal is not None and scope == "admin":
+        _require_admin(principal)
+    plaintext = generate_key()
+    key = ApiKey(
+        id=new_id("key"),
+        tenant_id=tenant.id,
+        name=name,
+        prefix=visible_prefix(plaintext),
+        key_hash=hash_key(secret, plaintext),
+        scope=scope,
+        created_at=utcnow(),
+    )
+    session.add(key)
+    _audit(session, _actor(principal), tenant.id, "api_key.created", key_id=key.id, name=name, scope=scope)
+    await session.flush()
+    return CreatedKey(key=key, secret=plaintext)
+
+
+async def list_keys(session: AsyncSession, principal: Principal | None, tenant_ref: str | None) -> list[ApiKey]:
+    """Keys of one tenant (default: the caller's); admins may list any tenant's or, with None, all."""
+    query = select(ApiKey).order_by(ApiKey.created_at)
+    if tenant_ref is not None:
+        tenant = await get_tenant(session, principal, tenant_ref)
+        query = query.where(ApiKey.tenant_id == tenant.id)
+    elif principal is not None and not principal.is_admin:
+        query = query.where(ApiKey.tenant_id == principal.tenant_id)
+    return list((await session.scalars(query)).all())
+
+
+async def revoke_key(session: AsyncSession, principal: Principal | None, key_ref: str) -> ApiKey:
+    """Revoke a key by id or visible prefix; effective at once here and within a poll on other replicas."""
+    query = select(ApiKey).where((ApiKey.id == key_ref) | (ApiKey.prefix == key_ref))
+    if principal is not None and not principal.is_admin:
+        query = query.where(ApiKey.tenant_id == principal.tenant_id)
+    keys = list((await session.scalars(query)).all())
+    if not keys:
+        raise NotFound(f"no API key {key_ref!r}; list them with `soma keys list`", param="key")
+    if len(keys) > 1:
+        raise InvalidRequest(f"{key_ref!r} matches {len(keys)} keys; use the key id", param="key")
+    key = keys[0]
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        await bump_revocation_epoch(session)
+        _audit(session, _actor(principal), key.tenant_id, "api_key.revoked", key_id=key.id)
+    await session.flush()
+    return key
+
+
+async def bump_revocation_epoch(session: AsyncSession) -> None:
+    """Tell every replica's key cache to forget what it knows."""
+    changed = await session.execute(update(RevocationEpoch).values(value=RevocationEpoch.value + 1))
+    if not changed.rowcount:  # type: ignore[attr-defined]
+        session.add(RevocationEpoch(id=1, value=1))
+
+
+async def revocation_epoch(session: AsyncSession) -> int:
+    """The current revocation counter."""
+    return (await session.scalar(select(RevocationEpoch.value))) or 0
+
+
+async def touch_keys(session: AsyncSession, last_used: dict[str, datetime]) -> None:
+    """Record when keys were last used (batched by the authenticator)."""
+    for key_id, when in last_used.items():
+        await session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=when))
+
+
+def _actor(principal: Principal | None) -> str:
+    return principal.subject if principal is not None else "cli"

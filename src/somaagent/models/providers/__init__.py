@@ -1,0 +1,1 @@
+"""Model providers: the only place that knows a vendor's API (llama.cpp, OpenAI-compatible, MiniLM)."""
