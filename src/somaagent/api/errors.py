@@ -1,0 +1,171 @@
+"""The one place errors become HTTP: `SomaError` subclasses → status, OpenAI-style JSON, headers.
+
+Every body is `{"error": {"message", "type", "param", "code"}}`. Unknown exceptions become a
+generic 500 whose body carries only the request id; the traceback goes to the log, never out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from somaagent.core.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RateLimited,
+    SomaError,
+    Unauthenticated,
+    UpstreamError,
+)
+from somaagent.observability.context import current_request_id
+
+log = logging.getLogger("somaagent.api")
+
+# Walked by MRO: the most specific class listed wins. (status, OpenAI error type)
+ERROR_TABLE: dict[type[SomaError], tuple[int, str]] = {
+    PayloadTooLarge: (413, "invalid_request_error"),
+    InvalidRequest: (400, "invalid_request_error"),
+    Unauthenticated: (401, "authentication_error"),
+    Forbidden: (403, "permission_error"),
+    NotFound: (404, "invalid_request_error"),
+    Conflict: (409, "invalid_request_error"),
+    RateLimited: (429, "rate_limit_error"),
+    Overloaded: (503, "server_error"),
+    UpstreamError: (502, "server_error"),
+    SomaError: (500, "server_error"),
+}
+
+_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                 429: "rate_limit_error"}
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error object."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def status_for(exc: SomaError) -> tuple[int, str]:
+    """(HTTP status, OpenAI error type) for a domain error."""
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]  # type: ignore[index]
+    return 500, "server_error"
+
+
+def error_headers(exc: SomaError) -> dict[str, str]:
+    """Extra headers an error carries (Retry-After for 429/503)."""
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is None:
+        return {}
+    return {"retry-after": str(max(1, math.ceil(retry_after)))}
+
+
+def soma_error_response(exc: SomaError) -> Response:
+    """The HTTP response for a domain error."""
+    status, type_ = status_for(exc)
+    headers = error_headers(exc)
+    if isinstance(exc, Unauthenticated):
+        headers["www-authenticate"] = "Bearer"
+    return _json(status, error_body(exc.message, type_, exc.code, exc.param), headers)
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _param(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        # Pydantic names union members in the location ("content.str"): not part of the param.
+        if item == "body" or (isinstance(item, str) and (item in _TYPE_TAGS or "[" in item)):
+            continue
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def translate_validation(errors: list[dict[str, Any]]) -> SomaError:
+    """Pydantic's error list → one clear `InvalidRequest` about the first problem."""
+    if not errors:
+        return InvalidRequest("invalid request body")
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    kind = first.get("type", "")
+    param = _param(loc) or None
+    if kind == "json_invalid":
+        return InvalidRequest(
+            "We could not parse the JSON body of your request. The body must be valid JSON "
+            f"({first.get('ctx', {}).get('error', 'syntax error')}).",
+            code="invalid_json",
+        )
+    if loc == ("body",) and kind in ("model_attributes_type", "dict_type", "model_type"):
+        return InvalidRequest(
+            "the request body must be a JSON object, sent with `Content-Type: application/json`",
+            code="invalid_json",
+        )
+    if kind == "missing" and loc == ("body",):
+        return InvalidRequest("the request body is missing; send a JSON object", code="invalid_json")
+    if kind == "extra_forbidden":
+        return InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param,
+                              code="unknown_parameter")
+    if kind == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if kind in ("value_error", "assertion_error") and "ctx" in first:
+        cause = first["ctx"].get("error")
+        message = str(cause or first.get("msg", "invalid value"))
+        code = getattr(cause, "code", None) or "invalid_value"
+        return InvalidRequest(message, param=getattr(cause, "param", None) or param, code=code)
+    got = first.get("input")
+    shown = "" if isinstance(got, dict | list) or got is None else f" (got {str(got)[:60]!r})"
+    return InvalidRequest(f"Invalid value for '{param}': {first.get('msg', 'invalid')}{shown}.", param=param,
+                          code="invalid_value" if not kind.endswith("_type") else "invalid_type")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers: domain errors, validation errors, HTTP errors, everything else."""
+
+    async def on_soma_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, SomaError)
+        return soma_error_response(exc)
+
+    async def on_validation_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return soma_error_response(translate_validation(list(exc.errors())))
+
+    async def on_http_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        type_ = _STATUS_TYPES.get(exc.status_code, "server_error" if exc.status_code >= 500 else "invalid_request_error")
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = "Unknown request URL. Please check the URL and method; the API is documented at /docs."
+        elif exc.status_code == 405:
+            message = "Method not allowed for this URL."
+        return _json(exc.status_code, error_body(message, type_, None), dict(exc.headers or {}))
+
+    async def on_unexpected(_request: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc)
+        return _json(500, error_body(
+            f"The server had an error while processing your request (request id {current_request_id()}).",
+            "server_error", "internal_error"))
+
+    app.add_exception_handler(SomaError, on_soma_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,124 @@
+"""The HTTP edge, as one pure-ASGI middleware (cheaper than a stack of BaseHTTPMiddleware):
+request id, body-size cap, metrics and the access log."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from somaagent.api.errors import error_body
+from somaagent.core.errors import PayloadTooLarge
+from somaagent.core.ids import new_request_id
+from somaagent.observability.context import reset_request_id, set_request_id
+from somaagent.observability.metrics import Metrics
+
+access_log = logging.getLogger("somaagent.access")
+_SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class EdgeMiddleware:
+    """Every HTTP request gets an `x-request-id`, a body no larger than `max_body_bytes`,
+    a metrics sample labelled by route template, and (optionally) an access-log line."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, access_log_enabled: bool) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body_bytes
+        self.access_log = access_log_enabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _request_id(scope)
+        token = set_request_id(request_id)
+        header_id = request_id.encode()
+        status = 500
+        try:
+            declared = _content_length(scope)
+            if declared is not None and declared > self.max_body:
+                status = 413
+                await _too_large(send, header_id, self.max_body)
+                return
+
+            async def send_with_id(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    message.setdefault("headers", [])
+                    message["headers"] = [*message["headers"], (b"x-request-id", header_id)]
+                await send(message)
+
+            await self.app(scope, self._capped(receive), send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.http_requests.labels(template, method, str(status)).inc()
+            self.metrics.http_latency.labels(template, method).observe(elapsed)
+            if self.access_log:
+                access_log.info(
+                    "%s %s %d", method, scope["path"], status,
+                    extra={"route": template, "status": status, "ms": round(elapsed * 1000, 2)},
+                )
+            reset_request_id(token)
+
+    def _capped(self, receive: Receive) -> Receive:
+        limit = self.max_body
+        seen = 0
+
+        async def capped_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLarge(
+                        f"request body is larger than the {limit} byte limit (SOMA_MAX_BODY_BYTES)"
+                    )
+            return message
+
+        return capped_receive
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id" and _SAFE_ID.match(value):
+            return str(value.decode())
+    return new_request_id()
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _too_large(send: Send, request_id: bytes, limit: int) -> None:
+    body: Any = error_body(
+        f"request body is larger than the {limit} byte limit (SOMA_MAX_BODY_BYTES)",
+        "invalid_request_error", "request_too_large",
+    )
+    payload = orjson.dumps(body)
+    await send({
+        "type": "http.response.start",
+        "status": 413,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            (b"x-request-id", request_id),
+            (b"connection", b"close"),
+        ],
+    })
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,160 @@
+"""`POST /v1/chat/completions`: one answer, or an SSE stream of chunks ending in `data: [DONE]`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response, StreamingResponse
+
+from somaagent.api.deps import PrincipalDep, ServicesDep
+from somaagent.api.errors import error_body, status_for
+from somaagent.api.metering import record_model_call
+from somaagent.api.openai.docs import ChatCompletionOut, error_responses
+from somaagent.api.openai.render import ChunkRenderer, completion_id, completion_json
+from somaagent.api.openai.schemas import ChatCompletionRequest
+from somaagent.api.services import Services
+from somaagent.core.errors import NotFound, SomaError
+from somaagent.core.principal import Principal
+from somaagent.models.messages import ChatChunk, Usage
+from somaagent.observability.context import current_request_id
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the answer was ready."""
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionOut,
+    responses=error_responses(400, 401, 404, 413, 502, 503),
+    summary="Create a chat completion (OpenAI-compatible; `stream: true` for SSE)",
+)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, principal: PrincipalDep, services: ServicesDep
+) -> Response:
+    chat = body.to_chat_request()
+    request_id = current_request_id() or completion_id()
+    started = time.perf_counter()
+    if not body.stream:
+        try:
+            result = await _until_disconnected(request, services.router.complete(principal, chat))
+        except ClientGone:
+            _record(services, principal, request_id, chat.model, None, started, "cancelled")
+            return Response(status_code=499)
+        except SomaError as exc:
+            _record_failure(services, principal, request_id, chat.model, started, exc)
+            raise
+        _record(services, principal, request_id, result.model, result.usage, started, "ok")
+        payload = completion_json(result, completion_id(), int(time.time()))
+        return Response(orjson.dumps(payload), media_type="application/json")
+
+    chunks = services.router.stream(principal, chat)
+    try:
+        # Wait for the first chunk before answering, so that errors (unknown model, context
+        # length, full queue) get their real HTTP status rather than an in-band error.
+        first = await anext(chunks)
+    except SomaError as exc:
+        await chunks.aclose()
+        _record_failure(services, principal, request_id, chat.model, started, exc)
+        raise
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    renderer = ChunkRenderer(completion_id(), include_usage)
+    events = _sse(services, principal, request_id, started, renderer, first, chunks)
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"}
+    )
+
+
+async def _sse(
+    services: Services,
+    principal: Principal,
+    request_id: str,
+    started: float,
+    renderer: ChunkRenderer,
+    first: ChatChunk,
+    chunks: AsyncIterator[ChatChunk],
+) -> AsyncIterator[bytes]:
+    model = first.model
+    usage: Usage | None = None
+    pieces = 0
+    status = "cancelled"  # unless we reach the end
+    try:
+        yield renderer.role(model)
+        chunk: ChatChunk | None = first
+        while chunk is not None:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            if chunk.content or chunk.tool_calls or chunk.finish_reason:
+                pieces += 1
+                yield renderer.chunk(chunk)
+            chunk = await anext(chunks, None)
+        if renderer.include_usage and usage is not None:
+            yield renderer.usage(model, usage)
+        yield renderer.done()
+        status = "ok"
+    except SomaError as exc:
+        status = exc.code
+        _, type_ = status_for(exc)
+        yield renderer.error(error_body(exc.message, type_, exc.code, exc.param))
+        yield renderer.done()
+    except Exception as exc:
+        status = "internal_error"
+        log.exception("stream failed")
+        yield renderer.error(error_body(f"the stream failed (request id {request_id})", "server_error",
+                                        "internal_error"))
+        del exc
+        yield renderer.done()
+    finally:
+        await chunks.aclose()  # stops generation if the client went away
+        if usage is None:  # cut short: count what was produced
+            usage = Usage(prompt_tokens=0, completion_tokens=pieces)
+        _record(services, principal, request_id, model, usage, started, status)
+
+
+def _record(
+    services: Services, principal: Principal, request_id: str, model: str, usage: Usage | None, started: float,
+    status: str,
+) -> None:
+    record_model_call(
+        services, principal, request_id, model, "chat", usage, time.perf_counter() - started, status
+    )
+
+
+def _record_failure(
+    services: Services, principal: Principal, request_id: str, model: str, started: float, exc: SomaError
+) -> None:
+    if not isinstance(exc, NotFound):  # no model was called for an unknown model
+        _record(services, principal, request_id, model, None, started, exc.code)
+
+
+async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, but cancel it (and raise `ClientGone`) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+            watcher.cancel()
+            raise ClientGone
+        watcher.cancel()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

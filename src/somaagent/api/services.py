@@ -1,0 +1,40 @@
+"""The objects one process shares between requests, built once by the app factory."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from somaagent.config import Settings
+from somaagent.events.bus import InProcessBus
+from somaagent.events.outbox import BufferedEmitter
+from somaagent.events.relay import OutboxRelay
+from somaagent.identity.authenticator import KeyAuthenticator
+from somaagent.models.catalog import ModelCatalog
+from somaagent.models.profiles import ProfileCache
+from somaagent.models.router import ModelRouter
+from somaagent.observability.metrics import Metrics
+
+
+@dataclass
+class Services:
+    """Everything a route may need, injected through `api/deps.py`."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    secret: bytes
+    authenticator: KeyAuthenticator
+    catalog: ModelCatalog
+    router: ModelRouter
+    bus: InProcessBus
+    relay: OutboxRelay
+    emitter: BufferedEmitter
+    metrics: Metrics
+    profiles: ProfileCache
+    http_clients: list[httpx.AsyncClient] = field(default_factory=list)
+    readiness: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
+    started_at: int = 0

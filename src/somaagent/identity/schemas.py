@@ -1,0 +1,67 @@
+"""API schemas for tenants and keys (table models are not API schemas)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from somaagent.identity.tables import ApiKey, Tenant
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TenantCreate(_Strict):
+    name: str = Field(min_length=1, max_length=63, examples=["acme"])
+
+
+class TenantOut(BaseModel):
+    object: Literal["tenant"] = "tenant"
+    id: str
+    name: str
+    created_at: datetime
+    disabled: bool
+
+    @classmethod
+    def of(cls, tenant: Tenant) -> TenantOut:
+        return cls(id=tenant.id, name=tenant.name, created_at=tenant.created_at, disabled=tenant.disabled)
+
+
+class KeyCreate(_Strict):
+    tenant: str | None = Field(default=None, description="Tenant id or name; default: the caller's tenant.")
+    name: str = Field(min_length=1, max_length=64, examples=["ci"])
+    scope: Literal["tenant", "admin"] = "tenant"
+
+
+class KeyOut(BaseModel):
+    object: Literal["api_key"] = "api_key"
+    id: str
+    tenant_id: str
+    name: str
+    prefix: str
+    scope: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, key: ApiKey) -> KeyOut:
+        return cls(
+            id=key.id, tenant_id=key.tenant_id, name=key.name, prefix=key.prefix, scope=key.scope,
+            created_at=key.created_at, last_used_at=key.last_used_at, revoked_at=key.revoked_at,
+        )
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The secret key. Shown once: store it now.")
+
+
+T = TypeVar("T")
+
+
+class ListOut(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]

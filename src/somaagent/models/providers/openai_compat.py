@@ -1,0 +1,239 @@
+"""Any OpenAI-compatible server as an upstream: vLLM, Ollama, llama.cpp's server, OpenAI itself.
+
+Upstream failures that another model could survive (connection errors, timeouts, 429, 5xx)
+raise `UpstreamError`, which makes the router fall through to the next model; a 4xx that is the
+request's fault raises `InvalidRequest` with the upstream's message, because another model
+would refuse it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+
+from somaagent.core.errors import InvalidRequest, UpstreamError
+from somaagent.models.messages import (
+    ChatChunk,
+    ChatRequest,
+    ChatResult,
+    Embeddings,
+    FinishReason,
+    Message,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
+
+_FINISH: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter",
+}
+
+
+def _message_json(message: Message) -> dict[str, Any]:
+    data: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        data["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        data["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        data["name"] = message.name
+    return data
+
+
+def request_body(request: ChatRequest, upstream_model: str, stream: bool) -> dict[str, Any]:
+    """The upstream's JSON body for `request`; only parameters the caller set are sent."""
+    body: dict[str, Any] = {"model": upstream_model, "messages": [_message_json(m) for m in request.messages]}
+    optional = {
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "seed": request.seed,
+        "user": request.user,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    if request.stop:
+        body["stop"] = list(request.stop)
+    if request.tools:
+        body["tools"] = [
+            {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}
+            for t in request.tools
+        ]
+        choice = request.tool_choice
+        body["tool_choice"] = (
+            {"type": "function", "function": {"name": choice.function}} if choice.mode == "function" else choice.mode
+        )
+    fmt = request.response_format
+    if fmt.type == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    elif fmt.type == "json_schema":
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": fmt.name or "response", "schema": fmt.schema or {}},
+        }
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+class OpenAICompatibleChatModel:
+    """A `ChatModel` that forwards to an OpenAI-compatible `/chat/completions`."""
+
+    def __init__(
+        self, model_id: str, client: httpx.AsyncClient, upstream_model: str, timeout_s: float
+    ) -> None:
+        self.id = model_id
+        self.context_window: int | None = None
+        self._client = client
+        self._upstream_model = upstream_model
+        self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
+
+    async def ready(self) -> None:
+        """Reachable if `/models` answers."""
+        try:
+            response = await self._client.get("models", timeout=self._timeout)
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream for {self.id!r} is unreachable: {exc!r}") from exc
+        if response.status_code >= 500:
+            raise UpstreamError(f"upstream for {self.id!r} answered {response.status_code}")
+
+    async def close(self) -> None:
+        """The shared HTTP client is closed by its owner."""
+
+    async def complete(self, request: ChatRequest) -> ChatResult:
+        """One upstream round trip."""
+        body = orjson.dumps(request_body(request, self._upstream_model, stream=False))
+        try:
+            response = await self._client.post(
+                "chat/completions", content=body, headers=_JSON, timeout=self._timeout
+            )
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream for {self.id!r} failed: {exc!r}") from exc
+        _raise_for_status(self.id, response.status_code, response.content)
+        try:
+            data = orjson.loads(response.content)
+            choice = data["choices"][0]
+            message = choice["message"]
+            calls = tuple(
+                ToolCall(id=c["id"], name=c["function"]["name"], arguments=c["function"]["arguments"])
+                for c in message.get("tool_calls") or ()
+            )
+            usage = data.get("usage") or {}
+            return ChatResult(
+                model=self.id,
+                message=Message(role="assistant", content=message.get("content"), tool_calls=calls),
+                finish_reason=_FINISH.get(choice.get("finish_reason") or "stop", "stop"),
+                usage=Usage(
+                    prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                    completion_tokens=int(usage.get("completion_tokens", 0)),
+                ),
+            )
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise UpstreamError(f"upstream for {self.id!r} sent an answer we cannot read: {exc!r}") from exc
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        """Relay the upstream's SSE stream as chunks; the final chunk carries finish reason and usage."""
+        body = orjson.dumps(request_body(request, self._upstream_model, stream=True))
+        finish: FinishReason | None = None
+        usage: Usage | None = None
+        try:
+            async with self._client.stream(
+                "POST", "chat/completions", content=body, headers=_JSON, timeout=self._timeout
+            ) as response:
+                if response.status_code >= 400:
+                    _raise_for_status(self.id, response.status_code, await response.aread())
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    data = orjson.loads(payload)
+                    if data.get("usage"):
+                        u = data["usage"]
+                        usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
+                    for choice in data.get("choices") or ():
+                        delta = choice.get("delta") or {}
+                        calls = tuple(
+                            ToolCallDelta(
+                                index=c.get("index", 0),
+                                id=c.get("id"),
+                                name=(c.get("function") or {}).get("name"),
+                                arguments=(c.get("function") or {}).get("arguments") or "",
+                            )
+                            for c in delta.get("tool_calls") or ()
+                        )
+                        if delta.get("content") or calls:
+                            yield ChatChunk(model=self.id, content=delta.get("content"), tool_calls=calls)
+                        if choice.get("finish_reason"):
+                            finish = _FINISH.get(choice["finish_reason"], "stop")
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream for {self.id!r} failed mid-stream: {exc!r}") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpstreamError(f"upstream for {self.id!r} sent a chunk we cannot read: {exc!r}") from exc
+        yield ChatChunk(model=self.id, finish_reason=finish or "stop", usage=usage or Usage(0, 0))
+
+
+class OpenAICompatibleEmbedder:
+    """An `Embedder` that forwards to an OpenAI-compatible `/embeddings`."""
+
+    def __init__(self, model_id: str, client: httpx.AsyncClient, upstream_model: str, timeout_s: float) -> None:
+        self.id = model_id
+        self.dimensions = 0  # learned from the first answer
+        self._client = client
+        self._upstream_model = upstream_model
+        self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
+
+    async def ready(self) -> None:
+        """Reachable if an embedding of one word comes back."""
+        await self.embed(["ready"])
+
+    async def close(self) -> None:
+        """The shared HTTP client is closed by its owner."""
+
+    async def embed(self, texts: list[str]) -> Embeddings:
+        """Vectors from the upstream, as floats."""
+        body = orjson.dumps({"model": self._upstream_model, "input": texts, "encoding_format": "float"})
+        try:
+            response = await self._client.post("embeddings", content=body, headers=_JSON, timeout=self._timeout)
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream for {self.id!r} failed: {exc!r}") from exc
+        _raise_for_status(self.id, response.status_code, response.content)
+        try:
+            data = orjson.loads(response.content)
+            items = sorted(data["data"], key=lambda item: item["index"])
+            vectors = [list(map(float, item["embedding"])) for item in items]
+            tokens = int((data.get("usage") or {}).get("prompt_tokens", 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpstreamError(f"upstream for {self.id!r} sent an answer we cannot read: {exc!r}") from exc
+        if vectors:
+            self.dimensions = len(vectors[0])
+        return Embeddings(model=self.id, vectors=vectors, prompt_tokens=tokens)
+
+
+_JSON = {"content-type": "application/json"}
+
+
+def _raise_for_status(model_id: str, status: int, content: bytes) -> None:
+    if status < 400:
+        return
+    try:
+        message = str(orjson.loads(content)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = content[:500].decode(errors="replace")
+    if status == 429 or status >= 500 or status in (401, 403, 404, 408):
+        # Not the caller's fault (or not only): another model may well answer.
+        raise UpstreamError(f"upstream for {model_id!r} answered {status}: {message}")
+    raise InvalidRequest(f"upstream for {model_id!r} refused the request: {message}")
