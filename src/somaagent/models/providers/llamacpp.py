@@ -59,6 +59,7 @@ class _Sampling:
     temperature: float
     top_p: float
     seed: int
+    reproducible: bool
     stop: tuple[str, ...]
     presence_penalty: float
     frequency_penalty: float
@@ -198,6 +199,7 @@ class LlamaCppChatModel:
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             seed=request.seed if request.seed is not None else secrets.randbits(31),
+            reproducible=request.seed is not None,
             stop=request.stop,
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
@@ -219,6 +221,10 @@ class LlamaCppChatModel:
         try:
             grammar = LlamaGrammar.from_json_schema(json.dumps(plan.schema), verbose=False) if plan.schema else None
             llm.set_seed(sampling.seed)
+            if sampling.reproducible:
+                # Reusing a cached prompt prefix evaluates the rest in a different batch shape, which
+                # shifts logits in the last bits; a seeded request must not depend on what ran before.
+                llm.reset()
             vocab = llama_cpp.llama_model_get_vocab(llm.model)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             stops = _StopScanner(sampling.stop)

@@ -80,7 +80,9 @@ def find_model_dir() -> Path:
     # find_spec instead of import: the package's __init__ is not needed and may grow side effects.
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise UpstreamError(f"The embedding model package is not installed; install it with `{_INSTALL_HINT}`.")
+        raise UpstreamError(
+            f"The embedding model package is not installed; install it with `{_INSTALL_HINT}`."
+        )
     model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (model_dir / "model.safetensors").is_file():
         raise UpstreamError(
@@ -114,10 +116,14 @@ def load_weights(model_dir: Path) -> _Weights:
             _Layer(
                 # One fused QKV matmul instead of three: fewer, larger BLAS calls.
                 qkv_w=np.ascontiguousarray(
-                    np.concatenate([linear_t(att + "query") * scale, linear_t(att + "key"), linear_t(att + "value")],
-                                   axis=1)
+                    np.concatenate(
+                        [linear_t(att + "query") * scale, linear_t(att + "key"), linear_t(att + "value")],
+                        axis=1,
+                    )
                 ),
-                qkv_b=np.concatenate([get(att + "query.bias") * scale, get(att + "key.bias"), get(att + "value.bias")]),
+                qkv_b=np.concatenate(
+                    [get(att + "query.bias") * scale, get(att + "key.bias"), get(att + "value.bias")]
+                ),
                 out_w=linear_t(p + "attention.output.dense"),
                 out_b=get(p + "attention.output.dense.bias"),
                 ln1_g=get(p + "attention.output.LayerNorm.weight"),
@@ -184,6 +190,13 @@ def _gelu_inplace(x: F32) -> None:
         blk -= zb
 
 
+def _linear(x: F32, weight: F32, bias: F32) -> F32:
+    """`x @ weight + bias` as one sgemm plus an in-place add (no second temporary)."""
+    y: F32 = np.matmul(x, weight)
+    y += bias
+    return y
+
+
 def _encode(w: _Weights, ids: npt.NDArray[np.int64], mask: F32) -> F32:
     """Run the encoder on one padded batch and return L2-normalized mean-pooled vectors."""
     n, seq = ids.shape
@@ -195,8 +208,7 @@ def _encode(w: _Weights, ids: npt.NDArray[np.int64], mask: F32) -> F32:
     # Padded keys get -1e9 before softmax (exp underflows to exactly 0), as HF's extended mask does.
     bias = ((1.0 - mask) * np.float32(-1e9))[:, None, None, :]
     for lyr in w.layers:
-        qkv = x @ lyr.qkv_w
-        qkv += lyr.qkv_b
+        qkv = _linear(x, lyr.qkv_w, lyr.qkv_b)
         qkv5 = qkv.reshape(n, seq, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv5[0], qkv5[1], qkv5[2]
         scores = q @ k.transpose(0, 1, 3, 2)
@@ -205,15 +217,12 @@ def _encode(w: _Weights, ids: npt.NDArray[np.int64], mask: F32) -> F32:
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         ctx = (scores @ v).transpose(0, 2, 1, 3).reshape(n * seq, hidden)
-        attn = ctx @ lyr.out_w
-        attn += lyr.out_b
+        attn = _linear(ctx, lyr.out_w, lyr.out_b)
         attn += x
         x = _layer_norm(attn, lyr.ln1_g, lyr.ln1_b, w.eps)
-        up = x @ lyr.up_w
-        up += lyr.up_b
+        up = _linear(x, lyr.up_w, lyr.up_b)
         _gelu_inplace(up)
-        down = up @ lyr.down_w
-        down += lyr.down_b
+        down = _linear(up, lyr.down_w, lyr.down_b)
         down += x
         x = _layer_norm(down, lyr.ln2_g, lyr.ln2_b, w.eps)
     h = x.reshape(n, seq, hidden)
@@ -221,7 +230,8 @@ def _encode(w: _Weights, ids: npt.NDArray[np.int64], mask: F32) -> F32:
     summed = np.einsum("nsh,ns->nh", h, mask)
     pooled = summed / np.maximum(mask.sum(axis=1, keepdims=True), np.float32(1e-9))
     norms = np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), np.float32(1e-12))
-    return (pooled / norms).astype(np.float32, copy=False)
+    unit: F32 = (pooled / norms).astype(np.float32, copy=False)
+    return unit
 
 
 def set_blas_threads(threads: int) -> bool:
@@ -265,8 +275,14 @@ def _default_threads() -> int:
 
 
 class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 embeddings (384-d, L2-normalized); inputs over 256 tokens are truncated."""
+    """all-MiniLM-L6-v2 embeddings (384-d, L2-normalized); inputs over 256 tokens are truncated.
 
+    Truncation is silent, as in sentence-transformers: a text longer than `max_tokens` (special tokens
+    included) is embedded from its first 256 tokens, and token counts report what the model saw.
+    `load()` sets numpy's OpenBLAS to 1 thread for the whole process (see the comment there).
+    """
+
+    id: str
     dimensions: int = 384
     max_tokens: int = 256
 
@@ -309,7 +325,9 @@ class MiniLMEmbedder:
                 tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
                 st_config = json.loads((model_dir / "sentence_bert_config.json").read_text())
                 weights = load_weights(model_dir)
-            except (ImportError, OSError, ValueError, KeyError) as exc:
+            # Broad on purpose: tokenizers and safetensors raise bare Exception / their own classes
+            # for missing or corrupt files, and every one of those has the same fix.
+            except Exception as exc:
                 raise UpstreamError(
                     f"Could not load the embedding model from {model_dir}: {exc}; "
                     f"reinstall it with `{_INSTALL_HINT}`."
@@ -320,11 +338,12 @@ class MiniLMEmbedder:
             tokenizer.enable_truncation(max_length=self.max_tokens)
             tokenizer.no_padding()
             threads = self._threads or _default_threads()
-            # Data parallelism beats BLAS threading here (measured ~1.3x on 2 cores): each shard runs
+            # Data parallelism beats BLAS threading here (measured ~1.25x on 2 cores): each shard runs
             # single-threaded sgemm *and* its own elementwise work (GELU, LayerNorm, softmax), which
-            # numpy would otherwise run on one core. That needs OpenBLAS at 1 thread; if we cannot
-            # set it (non-OpenBLAS numpy), shards would oversubscribe the cores, so stay serial.
-            if threads > 1 and set_blas_threads(1):
+            # numpy would otherwise run on one core. That needs OpenBLAS at 1 thread, which also makes
+            # `threads=1` mean one core. If we cannot set it (non-OpenBLAS numpy), shards would
+            # oversubscribe the cores, so stay serial and leave BLAS threading to the library.
+            if set_blas_threads(1) and threads > 1:
                 self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="minilm")
                 self._threads_used = threads
             self._tokenizer = tokenizer
@@ -354,7 +373,9 @@ class MiniLMEmbedder:
         pool = self._pool
         # A batch is split into one chunk per thread; the pool then drains the chunks as a queue, so
         # no thread waits at a per-batch barrier and at most `batch_size` rows are in flight.
-        rows = self._batch_size if pool is None else max(_MIN_SHARD_ROWS, -(-self._batch_size // self._threads_used))
+        rows = self._batch_size
+        if pool is not None:
+            rows = max(_MIN_SHARD_ROWS, (self._batch_size + self._threads_used - 1) // self._threads_used)
         chunks = [order[s : s + rows] for s in range(0, len(order), rows)]
         with self._run_lock:
             if pool is None or len(chunks) == 1:
@@ -378,4 +399,3 @@ class MiniLMEmbedder:
 
 
 __all__ = ["MiniLMEmbedder", "find_model_dir", "load_weights", "set_blas_threads"]
-
