@@ -1,0 +1,51 @@
+"""The one Alembic history applies, rolls back and re-applies on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic import command
+from sqlalchemy import inspect
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from somaagent.db import migrate
+from tests.support.postgres import create_database, drop_database
+
+TABLES = {"tenants", "api_keys", "revocation_epoch", "outbox", "usage_records", "model_profiles", "alembic_version"}
+
+
+@pytest.fixture
+def database_url(backend: str) -> Iterator[str]:
+    if backend == "postgres":
+        name, url = create_database()
+        yield url
+        drop_database(name)
+    else:
+        yield f"sqlite+aiosqlite:///{Path(tempfile.mkdtemp()) / 'm.db'}"
+
+
+def _tables(url: str) -> set[str]:
+    async def read() -> set[str]:
+        engine = create_async_engine(url)
+        async with engine.connect() as conn:
+            names = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+        await engine.dispose()
+        return names
+
+    return asyncio.run(read())
+
+
+def test_upgrade_downgrade_upgrade(database_url: str) -> None:
+    migrate.upgrade(database_url)
+    assert TABLES <= _tables(database_url)
+    assert migrate.current(database_url) == "0001"
+    command.downgrade(migrate.alembic_config(database_url), "base")
+    assert _tables(database_url) <= {"alembic_version"}
+    migrate.upgrade(database_url)
+    assert TABLES <= _tables(database_url)
+    migrate.upgrade(database_url)  # idempotent
+    assert migrate.current(database_url) == "0001"
