@@ -87,7 +87,8 @@ def test_chat_profile_falls_through_the_dead_upstream(tenant: TenantCtx) -> None
     assert completion.choices[0].message.content
 
     stream = tenant.oai.chat.completions.create(
-        model="profile:chat", messages=HELLO, max_tokens=4, stream=True, stream_options={"include_usage": True}
+        model="profile:chat", messages=HELLO, max_tokens=4, stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     assert {c.model for c in chunks} == {CHAT}
@@ -99,7 +100,8 @@ def test_profile_put_replaces_and_delete_removes(tenant: TenantCtx) -> None:
     put_profile(tenant, "chat", [DEAD_MODEL, CHAT])
     put_profile(tenant, "chat", [CHAT])
     assert [p["models"] for p in tenant.http.get("/v1/model-profiles").json()["data"]] == [[CHAT]]
-    assert tenant.oai.chat.completions.create(model="profile:chat", messages=HELLO, max_tokens=2).model == CHAT
+    answer = tenant.oai.chat.completions.create(model="profile:chat", messages=HELLO, max_tokens=2)
+    assert answer.model == CHAT
 
     deleted = tenant.http.delete("/v1/model-profiles/chat")
     assert deleted.status_code == 204
@@ -173,7 +175,8 @@ def test_chat_profile_cannot_embed(tenant: TenantCtx) -> None:
 
 
 def test_profile_body_is_strict(tenant: TenantCtx) -> None:
-    error = error_of(tenant.http.put("/v1/model-profiles/chat", json={"models": [CHAT], "fallback": True}), 400)
+    extra = {"models": [CHAT], "fallback": True}
+    error = error_of(tenant.http.put("/v1/model-profiles/chat", json=extra), 400)
     assert error["param"] == "fallback"
     error = error_of(tenant.http.put("/v1/model-profiles/chat", json={"models": CHAT}), 400)
     assert error["param"] == "models"

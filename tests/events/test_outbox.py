@@ -3,6 +3,7 @@ consumers, and poison events parked with their error instead of blocking the res
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -27,17 +28,15 @@ from tests.support.postgres import create_database, drop_database
 async def sessions(backend: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
     name = None
     if backend == "postgres":
-        name, url = create_database()
+        name, url = await asyncio.to_thread(create_database)
     else:
         url = f"sqlite+aiosqlite:///{Path(tempfile.mkdtemp()) / 'events.db'}"
-    import asyncio
-
     await asyncio.to_thread(migrate.upgrade, url)
     engine = create_engine(url)
     yield session_factory(engine)
     await engine.dispose()
     if name:
-        drop_database(name)
+        await asyncio.to_thread(drop_database, name)
 
 
 def usage_event(tenant: str, model: str, prompt: int, completion: int) -> Event:
