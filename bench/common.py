@@ -59,7 +59,7 @@ def machine() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "loadavg_1_5_15": os.getloadavg()}
 
 
 def write_results(name: str, data: dict[str, Any]) -> Path:

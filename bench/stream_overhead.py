@@ -11,10 +11,10 @@ same model file (SmolLM2-135M-Instruct Q4_1, n_ctx 4096, 1 thread, as the server
 Runs alternate (a, b, a, b, ...) after one warm-up of each, so machine noise hits both.
 
 Per run: TTFT = send (or call) → first content delta (or first token); decode tok/s =
-(tokens − 1) / (last token − first token); end-to-end tok/s = tokens / (last token − start).
+(tokens - 1) / (last token - first token); end-to-end tok/s = tokens / (last token - start).
 Token counts are the usage chunk's `completion_tokens` for (b) and the tokens generated for (a);
 the script checks that both produced the same text. Reported: p50 over the runs, the API/in-process
-tok/s ratio, and the added TTFT (API p50 − in-process p50).
+tok/s ratio, and the added TTFT (API p50 - in-process p50).
 
 Run: `.venv/bin/python bench/stream_overhead.py [--runs 5] [--max-tokens 128]`;
 writes bench/results/stream_overhead.json.
@@ -23,9 +23,9 @@ writes bench/results/stream_overhead.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import codecs
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,12 +41,10 @@ from common import (
     build_request,
     machine,
     markdown_table,
-    percentile,
     run,
     sse_events,
     write_results,
 )
-
 from somaagent.models.messages import ChatRequest, Message
 from somaagent.models.providers.chat_prompt import plan_prompt
 from somaagent.models.providers.llamacpp import _CHATML, default_gguf_path
@@ -167,15 +165,16 @@ def main() -> None:
             results["in-process"].append(local.once(args.max_tokens))
             results["api"].append(run(api_once(server.port, raw)))
             a, b = results["in-process"][-1], results["api"][-1]
-            print(f"  run {i + 1}/{runs}: in-process {a['decode_tok_s']:.1f} tok/s ttft {a['ttft_ms']:.1f} ms | "
-                  f"api {b['decode_tok_s']:.1f} tok/s ttft {b['ttft_ms']:.1f} ms ({b['tokens']} tokens)",
+            print(f"  run {i + 1}/{runs}: in-process {a['decode_tok_s']:.1f} tok/s "
+                  f"ttft {a['ttft_ms']:.1f} ms | api {b['decode_tok_s']:.1f} tok/s "
+                  f"ttft {b['ttft_ms']:.1f} ms ({b['tokens']} tokens)",
                   flush=True)
 
     same_text = all(r["text"] == warm_local["text"] for rs in results.values() for r in rs) and (
         warm_api["text"] == warm_local["text"])
     summary: dict[str, dict[str, float]] = {}
     for name, rs in results.items():
-        summary[name] = {key: round(percentile([r[key] for r in rs], 50), 2)
+        summary[name] = {key: round(statistics.median(r[key] for r in rs), 2)
                          for key in ("ttft_ms", "decode_tok_s", "e2e_tok_s", "tokens")}
     ratio_decode = round(summary["api"]["decode_tok_s"] / summary["in-process"]["decode_tok_s"], 3)
     ratio_e2e = round(summary["api"]["e2e_tok_s"] / summary["in-process"]["e2e_tok_s"], 3)

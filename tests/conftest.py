@@ -18,7 +18,10 @@ import pytest
 from tests.support.postgres import create_database, drop_database
 from tests.support.processes import SomaServer, free_port, start_soma
 
-BACKENDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
+BACKENDS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+]
 
 RESTRICTED_TENANT = "tenant-b"
 RESTRICTED_MODEL = "smollm2-for-b"
@@ -29,7 +32,12 @@ def main_server_env() -> dict[str, str]:
     dead_port = free_port()  # nothing listens there: a real connection refusal
     extra = [
         {"id": RESTRICTED_MODEL, "provider": "llamacpp", "tenants": [RESTRICTED_TENANT]},
-        {"id": DEAD_MODEL, "provider": "openai", "base_url": f"http://127.0.0.1:{dead_port}/v1", "timeout_s": 3},
+        {
+            "id": DEAD_MODEL,
+            "provider": "openai",
+            "base_url": f"http://127.0.0.1:{dead_port}/v1",
+            "timeout_s": 3,
+        },
     ]
     return {"SOMA_EXTRA_MODELS": json.dumps(extra), "SOMA_MODEL_QUEUE": "2"}
 
@@ -57,8 +65,9 @@ def server(backend: str) -> Iterator[SomaServer]:
 
 @pytest.fixture(scope="session")
 def admin(server: SomaServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, headers={"authorization": f"Bearer {server.admin_key}"},
-                      timeout=120) as client:
+    with httpx.Client(
+        base_url=server.base_url, headers={"authorization": f"Bearer {server.admin_key}"}, timeout=120
+    ) as client:
         yield client
 
 
@@ -79,11 +88,17 @@ def new_tenant(server: SomaServer, admin: httpx.Client) -> Iterator[Callable[...
     def make(name: str | None = None) -> TenantCtx:
         name = name or f"t-{secrets.token_hex(4)}"
         found = admin.get(f"/v1/tenants/{name}")
-        tenant = found.json() if found.status_code == 200 else admin.post("/v1/tenants", json={"name": name}).json()
+        tenant = (
+            found.json()
+            if found.status_code == 200
+            else admin.post("/v1/tenants", json={"name": name}).json()
+        )
         created = admin.post("/v1/keys", json={"tenant": name, "name": "test"})
         assert created.status_code == 201, created.text
         key = created.json()
-        http = httpx.Client(base_url=server.base_url, headers={"authorization": f"Bearer {key['key']}"}, timeout=120)
+        http = httpx.Client(
+            base_url=server.base_url, headers={"authorization": f"Bearer {key['key']}"}, timeout=120
+        )
         clients.append(http)
         client = openai.OpenAI(base_url=server.v1, api_key=key["key"], max_retries=0, timeout=120)
         return TenantCtx(tenant["id"], tenant["name"], key["key"], key["id"], http, client)

@@ -39,13 +39,17 @@ def test_non_streaming_completion_validates_against_the_openai_contract(tenant: 
     assert completion.usage is not None
     assert completion.usage.prompt_tokens > 0
     assert 0 < completion.usage.completion_tokens <= 12
-    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert (
+        completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    )
 
 
 def test_max_tokens_caps_the_answer_exactly(tenant: TenantCtx) -> None:
     prompt = [{"role": "user", "content": "Write a long story about the sea."}]
     for params in ({"max_tokens": 5}, {"max_completion_tokens": 5}):
-        completion = tenant.oai.chat.completions.create(model=MODEL, messages=prompt, temperature=0.9, seed=3, **params)
+        completion = tenant.oai.chat.completions.create(
+            model=MODEL, messages=prompt, temperature=0.9, seed=3, **params
+        )
         assert completion.usage is not None
         assert completion.usage.completion_tokens == 5
         assert completion.choices[0].finish_reason == "length"
@@ -67,7 +71,9 @@ def test_stop_sequence_ends_the_answer_before_it(tenant: TenantCtx) -> None:
     full = tenant.oai.chat.completions.create(model=MODEL, messages=prompt, max_tokens=40, temperature=0)
     text = full.choices[0].message.content or ""
     assert "3" in text, text
-    cut = tenant.oai.chat.completions.create(model=MODEL, messages=prompt, max_tokens=40, temperature=0, stop=["3"])
+    cut = tenant.oai.chat.completions.create(
+        model=MODEL, messages=prompt, max_tokens=40, temperature=0, stop=["3"]
+    )
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].message.content == text[: text.index("3")]
 
@@ -75,7 +81,10 @@ def test_stop_sequence_ends_the_answer_before_it(tenant: TenantCtx) -> None:
 def test_user_and_developer_role_are_accepted(tenant: TenantCtx) -> None:
     completion = tenant.oai.chat.completions.create(
         model=MODEL,
-        messages=[{"role": "developer", "content": "Answer in one word."}, {"role": "user", "content": "Sky colour?"}],
+        messages=[
+            {"role": "developer", "content": "Answer in one word."},
+            {"role": "user", "content": "Sky colour?"},
+        ],
         max_tokens=8,
         user="user-1234",
     )
@@ -151,8 +160,10 @@ def test_named_tool_choice_streams_argument_deltas(tenant: TenantCtx) -> None:
 
 
 def test_required_tool_choice_picks_one_of_the_tools(tenant: TenantCtx) -> None:
-    time_tool = {"type": "function", "function": {"name": "current_time", "parameters": {"type": "object",
-                 "properties": {}}}}
+    time_tool = {
+        "type": "function",
+        "function": {"name": "current_time", "parameters": {"type": "object", "properties": {}}},
+    }
     completion = tenant.oai.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "What's the weather in Rome?"}],
@@ -162,20 +173,28 @@ def test_required_tool_choice_picks_one_of_the_tools(tenant: TenantCtx) -> None:
     )
     calls = completion.choices[0].message.tool_calls
     assert calls and calls[0].function.name in ("get_weather", "current_time")
-    schema = WEATHER_TOOL["function"]["parameters"] if calls[0].function.name == "get_weather" else {"type": "object"}
+    schema = (
+        WEATHER_TOOL["function"]["parameters"]
+        if calls[0].function.name == "get_weather"
+        else {"type": "object"}
+    )
     jsonschema.validate(json.loads(calls[0].function.arguments), schema)
 
 
 def test_auto_tool_choice_answers_in_text_or_a_valid_call(tenant: TenantCtx) -> None:
     completion = tenant.oai.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi there!"}], tools=[WEATHER_TOOL], max_tokens=40,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi there!"}],
+        tools=[WEATHER_TOOL],
+        max_tokens=40,
         temperature=0,
     )
     validate(completion.model_dump(exclude_unset=True), "CreateChatCompletionResponse")
     message = completion.choices[0].message
     if message.tool_calls:
-        jsonschema.validate(json.loads(message.tool_calls[0].function.arguments),
-                            WEATHER_TOOL["function"]["parameters"])
+        jsonschema.validate(
+            json.loads(message.tool_calls[0].function.arguments), WEATHER_TOOL["function"]["parameters"]
+        )
     else:
         assert message.content
 
@@ -185,8 +204,17 @@ def test_tool_results_can_be_sent_back(tenant: TenantCtx) -> None:
         model=MODEL,
         messages=[
             {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
+                    }
+                ],
+            },
             {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
         ],
         tools=[WEATHER_TOOL],
@@ -199,8 +227,11 @@ def test_tool_results_can_be_sent_back(tenant: TenantCtx) -> None:
 
 def test_response_format_json_object_parses(tenant: TenantCtx) -> None:
     completion = tenant.oai.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Give me a JSON object with a cat's name and age."}],
-        response_format={"type": "json_object"}, max_tokens=120, temperature=0,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Give me a JSON object with a cat's name and age."}],
+        response_format={"type": "json_object"},
+        max_tokens=120,
+        temperature=0,
     )
     assert completion.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(completion.choices[0].message.content or ""), dict)
@@ -210,19 +241,31 @@ def test_response_format_json_object_parses(tenant: TenantCtx) -> None:
 def test_response_format_json_schema_validates(tenant: TenantCtx, stream: bool) -> None:
     schema = {
         "type": "object",
-        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0},
-                       "pets": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}},
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0},
+            "pets": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+        },
         "required": ["name", "age", "pets"],
         "additionalProperties": False,
     }
     params = dict(
-        model=MODEL, messages=[{"role": "user", "content": "Invent a person."}], max_tokens=150, temperature=0.5,
-        seed=7, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema,
-                                                                         "strict": True}},
+        model=MODEL,
+        messages=[{"role": "user", "content": "Invent a person."}],
+        max_tokens=150,
+        temperature=0.5,
+        seed=7,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": schema, "strict": True},
+        },
     )
     if stream:
-        text = "".join(c.choices[0].delta.content or "" for c in tenant.oai.chat.completions.create(stream=True, **params)
-                       if c.choices)
+        text = "".join(
+            c.choices[0].delta.content or ""
+            for c in tenant.oai.chat.completions.create(stream=True, **params)
+            if c.choices
+        )
     else:
         text = tenant.oai.chat.completions.create(**params).choices[0].message.content or ""
     jsonschema.validate(json.loads(text), schema)

@@ -13,8 +13,13 @@ from tests.support.processes import SomaServer
 
 MODEL = "smollm2-135m-instruct"
 # Greedy decoding of a counting prompt keeps SmolLM2 going far past a few hundred tokens.
-ENDLESS = {"model": MODEL, "messages": [{"role": "user", "content": "Count from 1 to 5000, one number per line."}],
-           "max_tokens": 3000, "temperature": 0, "stream": True}
+ENDLESS = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Count from 1 to 5000, one number per line."}],
+    "max_tokens": 3000,
+    "temperature": 0,
+    "stream": True,
+}
 
 
 def _usage_rows(tenant: TenantCtx) -> list[dict[str, object]]:
@@ -31,8 +36,10 @@ def test_disconnect_mid_stream_stops_generation_and_frees_the_slot(tenant: Tenan
             if seen >= 5:
                 break  # leaving the block closes the connection mid-stream
     started = time.monotonic()
-    answer = tenant.http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 3,
-                                                            "messages": [{"role": "user", "content": "Hi"}]})
+    answer = tenant.http.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]},
+    )
     waited = time.monotonic() - started
     assert answer.status_code == 200, answer.text
     # 3000 tokens at ~100 tok/s would hold the only slot for ~30 s; the next request got it at once.

@@ -29,11 +29,21 @@ def upstream() -> Iterator[Upstream]:
 @pytest.fixture(scope="module")
 def gateway(upstream: Upstream, backend: str) -> Iterator[SomaServer]:
     models = [
-        {"id": UP, "provider": "openai", "base_url": upstream.base_url, "upstream_model": "smol-upstream",
-         "api_key": "upstream-secret-not-logged"},
+        {
+            "id": UP,
+            "provider": "openai",
+            "base_url": upstream.base_url,
+            "upstream_model": "smol-upstream",
+            "api_key": "upstream-secret-not-logged",
+        },
         # The same real upstream with a timeout no generation can meet: a real timeout.
-        {"id": SLOW, "provider": "openai", "base_url": upstream.base_url, "upstream_model": "smol-upstream",
-         "timeout_s": 0.05},
+        {
+            "id": SLOW,
+            "provider": "openai",
+            "base_url": upstream.base_url,
+            "upstream_model": "smol-upstream",
+            "timeout_s": 0.05,
+        },
         {"id": DEAD, "provider": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1", "timeout_s": 2},
     ]
     database = url = None
@@ -62,10 +72,15 @@ def test_upstream_completion_is_relayed_with_its_usage(client: openai.OpenAI) ->
 
 
 def test_upstream_stream_is_relayed_with_usage(client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(
-        model=UP, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=UP,
+            messages=[{"role": "user", "content": "Say hi."}],
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     for chunk in chunks:
         validate(chunk.model_dump(exclude_unset=True), "CreateChatCompletionStreamResponse")
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -75,8 +90,11 @@ def test_upstream_stream_is_relayed_with_usage(client: openai.OpenAI) -> None:
 def test_upstream_json_mode_is_forwarded(client: openai.OpenAI) -> None:
     # llama.cpp's server knows `json_object` (not `json_schema`); the gateway forwards it as is.
     completion = client.chat.completions.create(
-        model=UP, messages=[{"role": "user", "content": "Give me a JSON object with a cat's name and age."}],
-        max_tokens=60, temperature=0, response_format={"type": "json_object"},
+        model=UP,
+        messages=[{"role": "user", "content": "Give me a JSON object with a cat's name and age."}],
+        max_tokens=60,
+        temperature=0,
+        response_format={"type": "json_object"},
     )
     assert isinstance(json.loads(completion.choices[0].message.content or ""), dict)
 
@@ -84,8 +102,11 @@ def test_upstream_json_mode_is_forwarded(client: openai.OpenAI) -> None:
 def _profile(gateway: SomaServer, models: list[str]) -> None:
     import httpx
 
-    response = httpx.put(f"{gateway.v1}/model-profiles/chat", json={"models": models},
-                         headers={"authorization": f"Bearer {gateway.admin_key}"})
+    response = httpx.put(
+        f"{gateway.v1}/model-profiles/chat",
+        json={"models": models},
+        headers={"authorization": f"Bearer {gateway.admin_key}"},
+    )
     assert response.status_code == 200, response.text
 
 
@@ -105,11 +126,14 @@ def test_refused_connection_and_timeout_fall_through_to_the_next_model(
         assert completion.model == UP  # the response says which model answered
 
 
-def test_when_every_model_fails_the_error_names_each_failure(gateway: SomaServer, client: openai.OpenAI) -> None:
+def test_when_every_model_fails_the_error_names_each_failure(
+    gateway: SomaServer, client: openai.OpenAI
+) -> None:
     _profile(gateway, [DEAD, SLOW])
     with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(model="profile:chat", messages=[{"role": "user", "content": "Hi"}],
-                                       max_tokens=40)
+        client.chat.completions.create(
+            model="profile:chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=40
+        )
     assert caught.value.status_code == 502
     message = caught.value.body["message"]  # type: ignore[index]
     assert DEAD in message and SLOW in message

@@ -23,8 +23,11 @@ def test_restart_keeps_state_and_prints_no_new_key(backend: str) -> None:
     database, url = create_database() if backend == "postgres" else (None, None)
     first = start_soma(url)
     try:
-        created = httpx.post(f"{first.v1}/tenants", json={"name": "kept"},
-                             headers={"authorization": f"Bearer {first.admin_key}"})
+        created = httpx.post(
+            f"{first.v1}/tenants",
+            json={"name": "kept"},
+            headers={"authorization": f"Bearer {first.admin_key}"},
+        )
         assert created.status_code == 201
     finally:
         first.stop()
@@ -84,7 +87,9 @@ def test_models_list_and_profiles(server: SomaServer) -> None:
     assert listing.returncode == 0
     assert MODEL in listing.stdout and "all-minilm-l6-v2" in listing.stdout
     server.soma("tenants", "create", "cli-profiles")
-    saved = server.soma("models", "profile", "set", "--tenant", "cli-profiles", "chat", "dead-upstream", MODEL)
+    saved = server.soma(
+        "models", "profile", "set", "--tenant", "cli-profiles", "chat", "dead-upstream", MODEL
+    )
     assert saved.returncode == 0, saved.stderr
     assert "profile:chat" in saved.stdout
     shown = server.soma("models", "profile", "list", "--tenant", "cli-profiles")
@@ -94,8 +99,16 @@ def test_models_list_and_profiles(server: SomaServer) -> None:
 
 
 def test_chat_streams_answers_through_the_api(server: SomaServer) -> None:
-    run = server.soma("chat", "--url", server.v1, "--key", server.admin_key, "--max-tokens", "12",
-                      input_text="Say hello.\nAnd again.\n/exit\n")
+    run = server.soma(
+        "chat",
+        "--url",
+        server.v1,
+        "--key",
+        server.admin_key,
+        "--max-tokens",
+        "12",
+        input_text="Say hello.\nAnd again.\n/exit\n",
+    )
     assert run.returncode == 0, run.stderr
     answers = [line for line in run.stdout.splitlines() if line.startswith("assistant> ")]
     assert len(answers) == 2

@@ -40,14 +40,31 @@ async def sessions(backend: str) -> AsyncIterator[async_sessionmaker[AsyncSessio
 
 
 def usage_event(tenant: str, model: str, prompt: int, completion: int) -> Event:
-    return Event(topic=MODEL_USAGE, type="model.usage", tenant_id=tenant, actor="key:test",
-                 data={"request_id": "req_x", "tenant_id": tenant, "key_id": None, "model": model,
-                       "prompt_tokens": prompt, "completion_tokens": completion, "latency_ms": 5, "status": "ok"})
+    return Event(
+        topic=MODEL_USAGE,
+        type="model.usage",
+        tenant_id=tenant,
+        actor="key:test",
+        data={
+            "request_id": "req_x",
+            "tenant_id": tenant,
+            "key_id": None,
+            "model": model,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "latency_ms": 5,
+            "status": "ok",
+        },
+    )
 
 
 async def test_usage_consumer_is_idempotent_by_event_id(sessions: async_sessionmaker[AsyncSession]) -> None:
     consumer = UsageConsumer(sessions)
-    events = [usage_event("ten_a", "m1", 10, 2), usage_event("ten_a", "m1", 5, 1), usage_event("ten_b", "m1", 7, 7)]
+    events = [
+        usage_event("ten_a", "m1", 10, 2),
+        usage_event("ten_a", "m1", 5, 1),
+        usage_event("ten_b", "m1", 7, 7),
+    ]
     await consumer(events)
     await consumer(events)  # redelivered
     await consumer(events[:1])
@@ -86,7 +103,9 @@ async def test_relay_delivers_in_order_and_parks_poison(sessions: async_sessionm
     assert await relay.relay_once() == 0
 
 
-async def test_buffered_emitter_flushes_in_batches_and_on_close(sessions: async_sessionmaker[AsyncSession]) -> None:
+async def test_buffered_emitter_flushes_in_batches_and_on_close(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
     emitter = BufferedEmitter(sessions, flush_ms=20)
     emitter.start()
     for i in range(50):

@@ -25,7 +25,9 @@ def test_healthz_and_readyz(server: SomaServer) -> None:
 
 
 def test_metrics_exposition_parses_and_counts_what_happened(server: SomaServer, tenant: TenantCtx) -> None:
-    tenant.oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    tenant.oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+    )
     tenant.http.get("/v1/models")
     text = httpx.get(f"{server.base_url}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -44,7 +46,9 @@ def test_metrics_exposition_parses_and_counts_what_happened(server: SomaServer, 
     assert "soma_http_request_duration_seconds" in families
 
 
-def test_every_response_has_a_request_id_and_a_given_one_is_kept(server: SomaServer, tenant: TenantCtx) -> None:
+def test_every_response_has_a_request_id_and_a_given_one_is_kept(
+    server: SomaServer, tenant: TenantCtx
+) -> None:
     for response in (
         tenant.http.get("/v1/models"),
         httpx.get(f"{server.v1}/models"),  # 401

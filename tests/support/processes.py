@@ -25,7 +25,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+def wait_http(
+    url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -60,7 +62,9 @@ class SomaServer:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def soma(self, *args: str, input_text: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def soma(
+        self, *args: str, input_text: str | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         """Run the `soma` CLI against this server's state."""
         return subprocess.run(
             [SOMA, *args], env=self.env, capture_output=True, text=True, input=input_text, timeout=timeout
@@ -76,19 +80,25 @@ class SomaServer:
                 self.proc.wait()
 
 
-def start_soma(database_url: str | None, extra_env: dict[str, str] | None = None,
-               data_dir: Path | None = None, expect_key: bool = True) -> SomaServer:
+def start_soma(
+    database_url: str | None,
+    extra_env: dict[str, str] | None = None,
+    data_dir: Path | None = None,
+    expect_key: bool = True,
+) -> SomaServer:
     """Start `soma serve` on a free loopback port and wait until it answers."""
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="soma-test-"))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOMA_")}
-    env.update({
-        "SOMA_DATA_DIR": str(data_dir),
-        "SOMA_HOST": "127.0.0.1",
-        "SOMA_PORT": str(port),
-        "SOMA_LOG_LEVEL": "INFO",
-        "SOMA_ACCESS_LOG": "true",
-    })
+    env.update(
+        {
+            "SOMA_DATA_DIR": str(data_dir),
+            "SOMA_HOST": "127.0.0.1",
+            "SOMA_PORT": str(port),
+            "SOMA_LOG_LEVEL": "INFO",
+            "SOMA_ACCESS_LOG": "true",
+        }
+    )
     if database_url:
         env["SOMA_DATABASE_URL"] = database_url
     env.update(extra_env or {})
@@ -105,7 +115,9 @@ def start_soma(database_url: str | None, extra_env: dict[str, str] | None = None
         return SomaServer(base, "", data_dir, env, proc, log_path, elapsed)
     if match is None:
         proc.kill()
-        raise RuntimeError(f"no admin key printed on first start:\n{out_path.read_text()}\n{log_path.read_text()}")
+        raise RuntimeError(
+            f"no admin key printed on first start:\n{out_path.read_text()}\n{log_path.read_text()}"
+        )
     return SomaServer(base, match.group(1), data_dir, env, proc, log_path, elapsed)
 
 
@@ -131,10 +143,27 @@ def start_llama_server(model_alias: str = "smol-upstream") -> Upstream:
     log = Path(tempfile.mkdtemp(prefix="llama-upstream-")) / "server.log"
     with open(log, "wb") as handle:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf_path()),
-             "--model_alias", model_alias, "--host", "127.0.0.1", "--port", str(port),
-             "--n_threads", "1", "--n_ctx", "2048", "--verbose", "false"],
-            stdout=handle, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(default_gguf_path()),
+                "--model_alias",
+                model_alias,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_threads",
+                "1",
+                "--n_ctx",
+                "2048",
+                "--verbose",
+                "false",
+            ],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/v1/models", 60, proc, log)

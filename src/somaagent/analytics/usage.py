@@ -42,9 +42,11 @@ class UsageConsumer:
         if not rows:
             return
         async with self._sessions() as session, session.begin():
-            dialect = session.bind.dialect.name
+            dialect = session.get_bind().dialect.name
             insert = pg_insert if dialect == "postgresql" else sqlite_insert
-            await session.execute(insert(UsageRecord).on_conflict_do_nothing(index_elements=["event_id"]), rows)
+            await session.execute(
+                insert(UsageRecord).on_conflict_do_nothing(index_elements=["event_id"]), rows
+            )
 
 
 @dataclass(frozen=True, slots=True)

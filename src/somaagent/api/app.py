@@ -7,6 +7,7 @@ import importlib.util
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
@@ -51,7 +52,11 @@ def _build_catalog(
         slots = ModelSlots(spec.id, settings.model_slots, settings.model_queue)
         if spec.provider == "llamacpp":
             llama = LlamaCppChatModel(
-                spec.id, _path(spec), slots, settings.llama_n_ctx, settings.llama_n_threads,
+                spec.id,
+                _path(spec),
+                slots,
+                settings.llama_n_ctx,
+                settings.llama_n_threads,
                 settings.max_completion_tokens_default,
             )
             entries.append(CatalogEntry(spec=spec, chat=llama))
@@ -76,24 +81,28 @@ def _build_catalog(
             clients.append(client)
             upstream_model = spec.upstream_model or spec.id
             if spec.kind == "embedding":
-                entries.append(CatalogEntry(
-                    spec=spec, embedder=OpenAICompatibleEmbedder(spec.id, client, upstream_model, spec.timeout_s)))
+                entries.append(
+                    CatalogEntry(
+                        spec=spec,
+                        embedder=OpenAICompatibleEmbedder(spec.id, client, upstream_model, spec.timeout_s),
+                    )
+                )
             else:
-                entries.append(CatalogEntry(
-                    spec=spec, chat=OpenAICompatibleChatModel(spec.id, client, upstream_model, spec.timeout_s)))
+                entries.append(
+                    CatalogEntry(
+                        spec=spec,
+                        chat=OpenAICompatibleChatModel(spec.id, client, upstream_model, spec.timeout_s),
+                    )
+                )
     return ModelCatalog(entries), clients, checks
 
 
-def _path(spec: ModelSpec) -> object:
-    from pathlib import Path
-
+def _path(spec: ModelSpec) -> Path | None:
     return Path(spec.path) if spec.path else None
 
 
 def _gguf_check(spec: ModelSpec) -> Check:
     async def check() -> None:
-        from pathlib import Path
-
         path = Path(spec.path) if spec.path else default_gguf_path()
         if not path.is_file():
             raise UpstreamError(f"{path} is missing")
@@ -134,8 +143,9 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         engine=engine,
         sessions=sessions,
         secret=settings.resolved_secret_key(),
-        authenticator=KeyAuthenticator(sessions, settings.resolved_secret_key(), settings.key_cache_ttl_s,
-                                       settings.revocation_poll_s),
+        authenticator=KeyAuthenticator(
+            sessions, settings.resolved_secret_key(), settings.key_cache_ttl_s, settings.revocation_poll_s
+        ),
         catalog=catalog,
         router=ModelRouter(catalog, profile_cache.models_for, metrics.observe_model),
         bus=bus,
@@ -177,7 +187,9 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     for module in (chat, embeddings, models, tenants, keys, profiles, usage, health):
         app.include_router(module.router)
     app.add_middleware(
-        EdgeMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
+        EdgeMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
         access_log_enabled=settings.access_log,
     )
     return app

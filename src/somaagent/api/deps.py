@@ -42,7 +42,9 @@ PrincipalDep = Annotated[Principal, Depends(get_principal)]
 async def get_admin(principal: PrincipalDep) -> Principal:
     """The caller, who must hold an admin key."""
     if not principal.is_admin:
-        raise Forbidden("this endpoint needs an admin key; create one with `soma keys create --tenant T --admin`")
+        raise Forbidden(
+            "this endpoint needs an admin key; create one with `soma keys create --tenant T --admin`"
+        )
     return principal
 
 

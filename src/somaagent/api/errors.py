@@ -46,9 +46,15 @@ ERROR_TABLE: dict[type[SomaError], tuple[int, str]] = {
     SomaError: (500, "server_error"),
 }
 
-_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
-                 429: "rate_limit_error"}
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:
@@ -60,7 +66,7 @@ def status_for(exc: SomaError) -> tuple[int, str]:
     """(HTTP status, OpenAI error type) for a domain error."""
     for cls in type(exc).__mro__:
         if cls in ERROR_TABLE:
-            return ERROR_TABLE[cls]  # type: ignore[index]
+            return ERROR_TABLE[cls]
     return 500, "server_error"
 
 
@@ -123,10 +129,13 @@ def translate_validation(errors: list[dict[str, Any]]) -> SomaError:
     if kind == "missing" and loc == ("body",):
         return InvalidRequest("the request body is missing; send a JSON object", code="invalid_json")
     if kind == "extra_forbidden":
-        return InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param,
-                              code="unknown_parameter")
+        return InvalidRequest(
+            f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter"
+        )
     if kind == "missing":
-        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        return InvalidRequest(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
     if kind in ("value_error", "assertion_error") and "ctx" in first:
         cause = first["ctx"].get("error")
         message = str(cause or first.get("msg", "invalid value"))
@@ -134,8 +143,11 @@ def translate_validation(errors: list[dict[str, Any]]) -> SomaError:
         return InvalidRequest(message, param=getattr(cause, "param", None) or param, code=code)
     got = first.get("input")
     shown = "" if isinstance(got, dict | list) or got is None else f" (got {str(got)[:60]!r})"
-    return InvalidRequest(f"Invalid value for '{param}': {first.get('msg', 'invalid')}{shown}.", param=param,
-                          code="invalid_value" if not kind.endswith("_type") else "invalid_type")
+    return InvalidRequest(
+        f"Invalid value for '{param}': {first.get('msg', 'invalid')}{shown}.",
+        param=param,
+        code="invalid_value" if not kind.endswith("_type") else "invalid_type",
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -151,7 +163,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        type_ = _STATUS_TYPES.get(exc.status_code, "server_error" if exc.status_code >= 500 else "invalid_request_error")
+        type_ = _STATUS_TYPES.get(
+            exc.status_code, "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        )
         message = str(exc.detail)
         if exc.status_code == 404:
             message = "Unknown request URL. Please check the URL and method; the API is documented at /docs."
@@ -161,9 +175,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_unexpected(_request: Request, exc: Exception) -> Response:
         log.error("unhandled error", exc_info=exc)
-        return _json(500, error_body(
-            f"The server had an error while processing your request (request id {current_request_id()}).",
-            "server_error", "internal_error"))
+        return _json(
+            500,
+            error_body(
+                f"The server had an error while processing your request (request id {current_request_id()}).",
+                "server_error",
+                "internal_error",
+            ),
+        )
 
     app.add_exception_handler(SomaError, on_soma_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -65,7 +65,10 @@ class EdgeMiddleware:
             self.metrics.http_latency.labels(template, method).observe(elapsed)
             if self.access_log:
                 access_log.info(
-                    "%s %s %d", method, scope["path"], status,
+                    "%s %s %d",
+                    method,
+                    scope["path"],
+                    status,
                     extra={"route": template, "status": status, "ms": round(elapsed * 1000, 2)},
                 )
             reset_request_id(token)
@@ -108,17 +111,20 @@ def _content_length(scope: Scope) -> int | None:
 async def _too_large(send: Send, request_id: bytes, limit: int) -> None:
     body: Any = error_body(
         f"request body is larger than the {limit} byte limit (SOMA_MAX_BODY_BYTES)",
-        "invalid_request_error", "request_too_large",
+        "invalid_request_error",
+        "request_too_large",
     )
     payload = orjson.dumps(body)
-    await send({
-        "type": "http.response.start",
-        "status": 413,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-            (b"x-request-id", request_id),
-            (b"connection", b"close"),
-        ],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"x-request-id", request_id),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})

@@ -34,9 +34,15 @@ async def get_usage(
         tenant_id=tenant_id,
         data=[
             UsageRowOut(
-                tenant_id=r.tenant_id, day=r.day, model=r.model, requests=r.requests, errors=r.errors,
-                prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
-                total_tokens=r.prompt_tokens + r.completion_tokens, avg_latency_ms=r.avg_latency_ms,
+                tenant_id=r.tenant_id,
+                day=r.day,
+                model=r.model,
+                requests=r.requests,
+                errors=r.errors,
+                prompt_tokens=r.prompt_tokens,
+                completion_tokens=r.completion_tokens,
+                total_tokens=r.prompt_tokens + r.completion_tokens,
+                avg_latency_ms=r.avg_latency_ms,
             )
             for r in rows
         ],

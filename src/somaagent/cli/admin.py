@@ -63,13 +63,15 @@ def keys_create(
     secret = settings.resolved_secret_key()
     try:
         created = run_in_session(
-            settings, lambda s: service.create_key(s, None, secret, tenant, name, "admin" if admin else "tenant")
+            settings,
+            lambda s: service.create_key(s, None, secret, tenant, name, "admin" if admin else "tenant"),
         )
     except SomaError as exc:
         _fail(exc)
     typer.echo(created.secret)
     typer.echo(
-        f"# key {created.key.id} for tenant {tenant} ({created.key.scope}); shown once — store it now.", err=True
+        f"# key {created.key.id} for tenant {tenant} ({created.key.scope}); shown once — store it now.",
+        err=True,
     )
 
 

@@ -10,7 +10,9 @@ import typer
 
 def chat(
     model: Annotated[str, typer.Option(help="Model id or profile:ROLE.")] = "smollm2-135m-instruct",
-    url: Annotated[str, typer.Option(envvar="SOMA_URL", help="Base URL of a running server.")] = "http://127.0.0.1:8080/v1",
+    url: Annotated[
+        str, typer.Option(envvar="SOMA_URL", help="Base URL of a running server.")
+    ] = "http://127.0.0.1:8080/v1",
     key: Annotated[str | None, typer.Option(envvar="SOMA_API_KEY", help="API key (SOMA_API_KEY).")] = None,
     system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Cap per answer.")] = 256,
@@ -19,8 +21,11 @@ def chat(
     from somaagent.cli.chat_session import ChatSession
 
     if not key:
-        typer.secho("No API key: pass --key or set SOMA_API_KEY (create one with `soma keys create --tenant T`).",
-                    fg="red", err=True)
+        typer.secho(
+            "No API key: pass --key or set SOMA_API_KEY (create one with `soma keys create --tenant T`).",
+            fg="red",
+            err=True,
+        )
         raise typer.Exit(2)
     session = ChatSession(url, key, model, system, max_tokens)
     try:

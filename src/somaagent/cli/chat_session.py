@@ -13,8 +13,11 @@ class ChatSession:
     """Keeps the history; `send` streams the assistant's answer piece by piece."""
 
     def __init__(self, base_url: str, key: str, model: str, system: str | None, max_tokens: int) -> None:
-        self._client = httpx.Client(base_url=base_url.rstrip("/") + "/", headers={"authorization": f"Bearer {key}"},
-                                    timeout=httpx.Timeout(300, connect=5))
+        self._client = httpx.Client(
+            base_url=base_url.rstrip("/") + "/",
+            headers={"authorization": f"Bearer {key}"},
+            timeout=httpx.Timeout(300, connect=5),
+        )
         self._model = model
         self._max_tokens = max_tokens
         self.history: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
@@ -24,14 +27,21 @@ class ChatSession:
         try:
             response = self._client.get(f"models/{self._model}")
         except httpx.HTTPError as exc:
-            raise RuntimeError(f"cannot reach {self._client.base_url} ({exc}); start it with `soma serve`") from exc
+            raise RuntimeError(
+                f"cannot reach {self._client.base_url} ({exc}); start it with `soma serve`"
+            ) from exc
         if response.status_code != 200:
             raise RuntimeError(_error_message(response.content))
 
     def send(self, text: str) -> Iterator[str]:
         """Add a user turn and yield the streamed answer's text."""
         self.history.append({"role": "user", "content": text})
-        body = {"model": self._model, "messages": self.history, "stream": True, "max_tokens": self._max_tokens}
+        body = {
+            "model": self._model,
+            "messages": self.history,
+            "stream": True,
+            "max_tokens": self._max_tokens,
+        }
         answer: list[str] = []
         with self._client.stream("POST", "chat/completions", json=body) as response:
             if response.status_code != 200:

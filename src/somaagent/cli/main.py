@@ -27,7 +27,9 @@ app.add_typer(admin.models, name="models")
 @app.callback()
 def main(
     data_dir: Annotated[str | None, typer.Option(help="State directory (SOMA_DATA_DIR).")] = None,
-    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy async URL (SOMA_DATABASE_URL).")] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy async URL (SOMA_DATABASE_URL).")
+    ] = None,
 ) -> None:
     """Options here apply to every command."""
     if data_dir:

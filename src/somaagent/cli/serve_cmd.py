@@ -32,10 +32,15 @@ def serve(
     admin_key = run_in_session(settings, lambda s: bootstrap_admin_key(s, secret))
     if admin_key is not None:
         typer.echo(f"SomaAgent admin key (shown once, store it now): {admin_key}")
-        typer.echo(f"More keys: soma keys create --tenant {DEFAULT_TENANT} --name NAME  (or --tenant T after "
-                   "`soma tenants create T`)")
-    typer.echo(f"SomaAgent listening on http://{settings.host}:{settings.port} (OpenAI base_url: "
-               f"http://{settings.host}:{settings.port}/v1)", err=True)
+        typer.echo(
+            f"More keys: soma keys create --tenant {DEFAULT_TENANT} --name NAME  (or --tenant T after "
+            "`soma tenants create T`)"
+        )
+    typer.echo(
+        f"SomaAgent listening on http://{settings.host}:{settings.port} (OpenAI base_url: "
+        f"http://{settings.host}:{settings.port}/v1)",
+        err=True,
+    )
     common = {
         "host": settings.host,
         "port": settings.port,

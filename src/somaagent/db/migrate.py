@@ -37,7 +37,9 @@ def current(url: str) -> str | None:
         engine = create_async_engine(url)
         try:
             async with engine.connect() as conn:
-                return await conn.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
+                return await conn.run_sync(
+                    lambda sync: MigrationContext.configure(sync).get_current_revision()
+                )
         finally:
             await engine.dispose()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from sqlalchemy import select, update
@@ -57,18 +58,14 @@ class OutboxRelay:
         """Stop relaying (after one last pass)."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         await self.relay_once()
 
     async def _run(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_s)
-            except TimeoutError:
-                pass
             self._wakeup.clear()
             try:
                 while await self.relay_once() == BATCH:
@@ -85,7 +82,7 @@ class OutboxRelay:
                 .order_by(OutboxEvent.seq)
                 .limit(BATCH)
             )
-            if session.bind.dialect.name == "postgresql":
+            if session.get_bind().dialect.name == "postgresql":
                 # Replicas share the outbox: each row goes to one relay at a time.
                 query = query.with_for_update(skip_locked=True)
             rows = list((await session.scalars(query)).all())

@@ -69,7 +69,9 @@ class KeyAuthenticator:
         async with self._sessions() as session:
             row = (
                 await session.execute(
-                    select(ApiKey.id, ApiKey.scope, ApiKey.revoked_at, Tenant.id, Tenant.name, Tenant.disabled)
+                    select(
+                        ApiKey.id, ApiKey.scope, ApiKey.revoked_at, Tenant.id, Tenant.name, Tenant.disabled
+                    )
                     .join(Tenant, Tenant.id == ApiKey.tenant_id)
                     .where(ApiKey.key_hash == digest)
                 )

@@ -50,8 +50,14 @@ class KeyOut(BaseModel):
     @classmethod
     def of(cls, key: ApiKey) -> KeyOut:
         return cls(
-            id=key.id, tenant_id=key.tenant_id, name=key.name, prefix=key.prefix, scope=key.scope,
-            created_at=key.created_at, last_used_at=key.last_used_at, revoked_at=key.revoked_at,
+            id=key.id,
+            tenant_id=key.tenant_id,
+            name=key.name,
+            prefix=key.prefix,
+            scope=key.scope,
+            created_at=key.created_at,
+            last_used_at=key.last_used_at,
+            revoked_at=key.revoked_at,
         )
 
 

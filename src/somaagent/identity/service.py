@@ -108,7 +108,9 @@ async def create_key(
     return CreatedKey(key=key, secret=plaintext)
 
 
-async def list_keys(session: AsyncSession, principal: Principal | None, tenant_ref: str | None) -> list[ApiKey]:
+async def list_keys(
+    session: AsyncSession, principal: Principal | None, tenant_ref: str | None
+) -> list[ApiKey]:
     """Keys of one tenant (default: the caller's); admins may list any tenant's or, with None, all."""
     query = select(ApiKey).order_by(ApiKey.created_at)
     if tenant_ref is not None:

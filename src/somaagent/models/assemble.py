@@ -31,6 +31,9 @@ async def collect_stream(model_id: str, chunks: AsyncIterator[ChatChunk]) -> Cha
     if finish is None or usage is None:
         raise UpstreamError(f"model {model_id!r} ended its answer without a finish reason or usage")
     tool_calls = tuple(ToolCall(**calls[i]) for i in sorted(calls))
-    message = Message(role="assistant", content="".join(content) if content or not tool_calls else None,
-                      tool_calls=tool_calls)
+    message = Message(
+        role="assistant",
+        content="".join(content) if content or not tool_calls else None,
+        tool_calls=tool_calls,
+    )
     return ChatResult(model=answered_by, message=message, finish_reason=finish, usage=usage)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from somaagent.models.messages import ChatChunk, ChatRequest, ChatResult, Embeddings
@@ -16,7 +16,7 @@ class ChatModel(Protocol):
 
     async def complete(self, request: ChatRequest) -> ChatResult: ...
 
-    def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]: ...
+    def stream(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]: ...
 
     async def ready(self) -> None:
         """Raise if the model cannot be loaded or reached."""

@@ -22,9 +22,14 @@ def _check_role(role: str) -> None:
 
 
 async def set_profile(
-    session: AsyncSession, catalog: ModelCatalog, principal: Principal, tenant_id: str, role: str, models: list[str]
+    session: AsyncSession,
+    catalog: ModelCatalog,
+    principal: Principal,
+    tenant_id: str,
+    role: str,
+    models: list[str],
 ) -> ModelProfile:
-    """Create or replace a tenant's profile for `role`; every model must exist, be allowed and fit the role."""
+    """Create or replace a tenant's profile for `role`; each model must exist, be allowed, fit the role."""
     _check_role(role)
     if not models or len(models) > 10:
         raise InvalidRequest("a profile lists 1 to 10 models, tried in order", param="models")
@@ -32,7 +37,9 @@ async def set_profile(
         entry = catalog.get(principal, model_id)
         if (role == "embedding") != (entry.embedder is not None):
             kind = "an embedding" if entry.embedder is not None else "a chat"
-            raise InvalidRequest(f"{model_id!r} is {kind} model and cannot serve role {role!r}", param="models")
+            raise InvalidRequest(
+                f"{model_id!r} is {kind} model and cannot serve role {role!r}", param="models"
+            )
     profile = await session.get(ModelProfile, (tenant_id, role))
     if profile is None:
         profile = ModelProfile(tenant_id=tenant_id, role=role, models=list(models), updated_at=utcnow())

@@ -8,7 +8,7 @@ that the caller has already seen the other model's words.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import replace
 
 from somaagent.core.errors import Overloaded, SomaError, UpstreamError
@@ -59,7 +59,7 @@ class ModelRouter:
             return result
         raise _exhausted(request.model, failures)
 
-    async def stream(self, principal: Principal, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+    async def stream(self, principal: Principal, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         """Chunks from the first model that starts answering."""
         failures: list[SomaError] = []
         for model in await self.candidates(principal, request.model):

@@ -13,7 +13,9 @@ from somaagent.models.tables import ModelProfile
 class ProfileSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    models: list[str] = Field(min_length=1, max_length=10, description="Tried in order; the first that answers wins.")
+    models: list[str] = Field(
+        min_length=1, max_length=10, description="Tried in order; the first that answers wins."
+    )
     tenant: str | None = Field(default=None, description="Admins only: another tenant's id or name.")
 
 
@@ -28,6 +30,9 @@ class ProfileOut(BaseModel):
     @classmethod
     def of(cls, profile: ModelProfile) -> ProfileOut:
         return cls(
-            tenant_id=profile.tenant_id, role=profile.role, model=f"profile:{profile.role}",
-            models=list(profile.models), updated_at=profile.updated_at,
+            tenant_id=profile.tenant_id,
+            role=profile.role,
+            model=f"profile:{profile.role}",
+            models=list(profile.models),
+            updated_at=profile.updated_at,
         )

@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # `_created` series double the exposition size and no dashboard we ship reads them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -32,29 +32,42 @@ class Metrics:
         shared = multiprocess_dir() is not None
         target = None if shared else self.registry
         self.http_requests = Counter(
-            "soma_http_requests", "HTTP requests by route, method and status.",
-            ["route", "method", "status"], registry=target,
+            "soma_http_requests",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=target,
         )
         self.http_latency = Histogram(
-            "soma_http_request_duration_seconds", "HTTP request latency (to the last byte).",
-            ["route", "method"], buckets=LATENCY_BUCKETS, registry=target,
+            "soma_http_request_duration_seconds",
+            "HTTP request latency (to the last byte).",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=target,
         )
         self.model_latency = Histogram(
-            "soma_model_latency_seconds", "Model call latency by model and outcome (each fallback attempt).",
-            ["model", "outcome"], buckets=LATENCY_BUCKETS, registry=target,
+            "soma_model_latency_seconds",
+            "Model call latency by model and outcome (each fallback attempt).",
+            ["model", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=target,
         )
         self.model_tokens = Counter(
-            "soma_model_tokens", "Tokens processed, by model and kind (prompt|completion).",
-            ["model", "kind"], registry=target,
+            "soma_model_tokens",
+            "Tokens processed, by model and kind (prompt|completion).",
+            ["model", "kind"],
+            registry=target,
         )
         self.events_emitted = Counter(
-            "soma_events_emitted", "Events written to the outbox, by topic.", ["topic"], registry=target,
+            "soma_events_emitted",
+            "Events written to the outbox, by topic.",
+            ["topic"],
+            registry=target,
         )
         self._gauges: list[Callable[[], Iterable[tuple[str, float]]]] = []
         if shared:
             from prometheus_client import multiprocess
 
-            multiprocess.MultiProcessCollector(self.registry)
+            multiprocess.MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
         self.registry.register(_QueueCollector(self._gauges))
 
     def observe_model(self, model: str, seconds: float, outcome: str) -> None:

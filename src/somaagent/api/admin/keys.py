@@ -13,7 +13,9 @@ router = APIRouter(prefix="/v1/keys", tags=["API keys"])
 
 
 @router.post("", response_model=KeyCreated, status_code=201, responses=error_responses(400, 401, 403, 404))
-async def create_key(body: KeyCreate, principal: AdminDep, services: ServicesDep, session: SessionDep) -> KeyCreated:
+async def create_key(
+    body: KeyCreate, principal: AdminDep, services: ServicesDep, session: SessionDep
+) -> KeyCreated:
     created = await service.create_key(
         session, principal, services.secret, body.tenant or principal.tenant_id, body.name, body.scope
     )
@@ -22,8 +24,12 @@ async def create_key(body: KeyCreate, principal: AdminDep, services: ServicesDep
 
 
 @router.get("", response_model=ListOut[KeyOut], responses=error_responses(401, 404))
-async def list_keys(principal: PrincipalDep, session: SessionDep, tenant: str | None = None) -> ListOut[KeyOut]:
-    keys = await service.list_keys(session, principal, tenant or (None if principal.is_admin else principal.tenant_id))
+async def list_keys(
+    principal: PrincipalDep, session: SessionDep, tenant: str | None = None
+) -> ListOut[KeyOut]:
+    keys = await service.list_keys(
+        session, principal, tenant or (None if principal.is_admin else principal.tenant_id)
+    )
     return ListOut(data=[KeyOut.of(k) for k in keys])
 
 

@@ -16,7 +16,9 @@ router = APIRouter(prefix="/v1/model-profiles", tags=["Models"])
 
 
 @router.get("", response_model=ListOut[ProfileOut], responses=error_responses(401, 404))
-async def list_profiles(principal: PrincipalDep, session: SessionDep, tenant: str | None = None) -> ListOut[ProfileOut]:
+async def list_profiles(
+    principal: PrincipalDep, session: SessionDep, tenant: str | None = None
+) -> ListOut[ProfileOut]:
     tenant_id = (await get_tenant(session, principal, tenant)).id if tenant else principal.tenant_id
     return ListOut(data=[ProfileOut.of(p) for p in await profiles.list_profiles(session, tenant_id)])
 

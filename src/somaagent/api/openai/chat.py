@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import TypeVar
 
 import orjson
@@ -75,7 +75,9 @@ async def create_chat_completion(
     renderer = ChunkRenderer(completion_id(), include_usage)
     events = _sse(services, principal, request_id, started, renderer, first, chunks)
     return StreamingResponse(
-        events, media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"}
+        events,
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
     )
 
 
@@ -86,7 +88,7 @@ async def _sse(
     started: float,
     renderer: ChunkRenderer,
     first: ChatChunk,
-    chunks: AsyncIterator[ChatChunk],
+    chunks: AsyncGenerator[ChatChunk, None],
 ) -> AsyncIterator[bytes]:
     model = first.model
     usage: Usage | None = None
@@ -114,8 +116,9 @@ async def _sse(
     except Exception as exc:
         status = "internal_error"
         log.exception("stream failed")
-        yield renderer.error(error_body(f"the stream failed (request id {request_id})", "server_error",
-                                        "internal_error"))
+        yield renderer.error(
+            error_body(f"the stream failed (request id {request_id})", "server_error", "internal_error")
+        )
         del exc
         yield renderer.done()
     finally:
@@ -126,7 +129,12 @@ async def _sse(
 
 
 def _record(
-    services: Services, principal: Principal, request_id: str, model: str, usage: Usage | None, started: float,
+    services: Services,
+    principal: Principal,
+    request_id: str,
+    model: str,
+    usage: Usage | None,
+    started: float,
     status: str,
 ) -> None:
     record_model_call(

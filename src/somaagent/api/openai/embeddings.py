@@ -26,22 +26,40 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
     responses=error_responses(400, 401, 404, 413, 502, 503),
     summary="Create embeddings (OpenAI-compatible)",
 )
-async def create_embeddings(body: EmbeddingRequest, principal: PrincipalDep, services: ServicesDep) -> Response:
+async def create_embeddings(
+    body: EmbeddingRequest, principal: PrincipalDep, services: ServicesDep
+) -> Response:
     request_id = current_request_id() or completion_id()
     started = time.perf_counter()
     try:
         result = await services.router.embed(principal, body.model, body.texts())
     except SomaError as exc:
         if not isinstance(exc, NotFound | InvalidRequest):
-            record_model_call(services, principal, request_id, body.model, "embedding", None,
-                              time.perf_counter() - started, exc.code)
+            record_model_call(
+                services,
+                principal,
+                request_id,
+                body.model,
+                "embedding",
+                None,
+                time.perf_counter() - started,
+                exc.code,
+            )
         raise
     dimensions = len(result.vectors[0]) if result.vectors else 0
     if body.dimensions is not None and body.dimensions > dimensions:
         raise InvalidRequest(
             f"'dimensions' = {body.dimensions} is larger than the model's {dimensions}", param="dimensions"
         )
-    record_model_call(services, principal, request_id, result.model, "embedding",
-                      Usage(result.prompt_tokens, 0), time.perf_counter() - started, "ok")
+    record_model_call(
+        services,
+        principal,
+        request_id,
+        result.model,
+        "embedding",
+        Usage(result.prompt_tokens, 0),
+        time.perf_counter() - started,
+        "ok",
+    )
     payload = embeddings_json(result, body.encoding_format, body.dimensions)
     return Response(orjson.dumps(payload), media_type="application/json")

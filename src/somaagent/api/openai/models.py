@@ -26,7 +26,12 @@ async def _visible_models(services: Services, principal: Principal) -> list[dict
     ]
     for role in sorted(await services.profiles.for_tenant(principal.tenant_id)):
         models.append(
-            {"id": PROFILE_PREFIX + role, "object": "model", "created": created, "owned_by": "somaagent-profile"}
+            {
+                "id": PROFILE_PREFIX + role,
+                "object": "model",
+                "created": created,
+                "owned_by": "somaagent-profile",
+            }
         )
     return models
 
@@ -42,7 +47,10 @@ async def list_models(principal: PrincipalDep, services: ServicesDep) -> Respons
 
 
 @router.get(
-    "/models/{model_id:path}", response_model=ModelOut, responses=error_responses(401, 404), summary="Get a model"
+    "/models/{model_id:path}",
+    response_model=ModelOut,
+    responses=error_responses(401, 404),
+    summary="Get a model",
 )
 async def retrieve_model(model_id: str, principal: PrincipalDep, services: ServicesDep) -> Response:
     models = await _visible_models(services, principal)
@@ -51,7 +59,8 @@ async def retrieve_model(model_id: str, principal: PrincipalDep, services: Servi
             return Response(orjson.dumps(model), media_type="application/json")
     available = ", ".join(m["id"] for m in models)
     raise NotFound(
-        f"The model {model_id!r} does not exist or you do not have access to it. Available models: {available}",
+        f"The model {model_id!r} does not exist or you do not have access to it. "
+        f"Available models: {available}",
         param="model",
         code="model_not_found",
     )

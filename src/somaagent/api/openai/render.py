@@ -43,7 +43,9 @@ def completion_json(result: ChatResult, response_id: str, created: int) -> dict[
         "created": created,
         "model": result.model,
         "system_fingerprint": FINGERPRINT,
-        "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}],
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}
+        ],
         "usage": usage_json(result.usage),
     }
 
@@ -72,7 +74,15 @@ class ChunkRenderer:
     def role(self, model: str) -> bytes:
         """The opening chunk that names the role."""
         return self._frame(
-            model, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]
+            model,
+            [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "finish_reason": None,
+                    "logprobs": None,
+                }
+            ],
         )
 
     def chunk(self, chunk: ChatChunk) -> bytes:
@@ -83,7 +93,8 @@ class ChunkRenderer:
         if chunk.tool_calls:
             delta["tool_calls"] = [_tool_delta(d.index, d.id, d.name, d.arguments) for d in chunk.tool_calls]
         return self._frame(
-            chunk.model, [{"index": 0, "delta": delta, "finish_reason": chunk.finish_reason, "logprobs": None}]
+            chunk.model,
+            [{"index": 0, "delta": delta, "finish_reason": chunk.finish_reason, "logprobs": None}],
         )
 
     def usage(self, model: str, usage: Usage) -> bytes:
@@ -120,7 +131,7 @@ def embeddings_json(result: Embeddings, encoding: str, dimensions: int | None) -
         # Matryoshka-style shortening, renormalized so cosine similarity still works.
         matrix = matrix[:, :dimensions]
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-        matrix = matrix / np.where(norms == 0, 1, norms)
+        matrix = (matrix / np.where(norms == 0, 1, norms)).astype(np.float32)
     data: list[dict[str, Any]] = []
     for index, row in enumerate(matrix):
         embedding: Any = (

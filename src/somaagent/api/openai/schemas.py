@@ -191,7 +191,9 @@ class ChatCompletionRequest(_Strict):
     @model_validator(mode="after")
     def _unsupported(self) -> ChatCompletionRequest:
         if self.n not in (None, 1):
-            raise UnsupportedParameter(f"'n' = {self.n} is not supported: this server returns one choice (n=1)")
+            raise UnsupportedParameter(
+                f"'n' = {self.n} is not supported: this server returns one choice (n=1)"
+            )
         if self.logprobs:
             raise UnsupportedParameter("'logprobs' is not supported by this server")
         if self.top_logprobs is not None:
@@ -199,7 +201,9 @@ class ChatCompletionRequest(_Strict):
         if self.logit_bias:
             raise UnsupportedParameter("'logit_bias' is not supported by this server")
         if self.store:
-            raise UnsupportedParameter("'store' is not supported: completions are not stored for later retrieval")
+            raise UnsupportedParameter(
+                "'store' is not supported: completions are not stored for later retrieval"
+            )
         if self.metadata:
             raise UnsupportedParameter("'metadata' is not supported (it only applies to stored completions)")
         if self.service_tier not in (None, "auto", "default"):
@@ -210,9 +214,13 @@ class ChatCompletionRequest(_Strict):
             if getattr(self, name) is not None:
                 raise UnsupportedParameter(f"'{name}' is not supported by this server")
         if self.functions is not None or self.function_call is not None:
-            raise UnsupportedParameter("'functions'/'function_call' are deprecated; use 'tools' and 'tool_choice'")
+            raise UnsupportedParameter(
+                "'functions'/'function_call' are deprecated; use 'tools' and 'tool_choice'"
+            )
         if self.max_tokens and self.max_completion_tokens and self.max_tokens != self.max_completion_tokens:
-            raise ValueError("'max_tokens' and 'max_completion_tokens' disagree; send only 'max_completion_tokens'")
+            raise ValueError(
+                "'max_tokens' and 'max_completion_tokens' disagree; send only 'max_completion_tokens'"
+            )
         if self.stream_options is not None and not self.stream:
             raise ValueError("'stream_options' is only allowed when 'stream' is true")
         if isinstance(self.tool_choice, NamedToolChoice):
@@ -255,10 +263,15 @@ class ChatCompletionRequest(_Strict):
 def _message(message: ChatMessageIn) -> Message:
     role = "system" if message.role == "developer" else message.role
     calls = tuple(
-        ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in message.tool_calls or ()
+        ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+        for c in message.tool_calls or ()
     )
     return Message(
-        role=role, content=message.text(), tool_calls=calls, tool_call_id=message.tool_call_id, name=message.name
+        role=role,
+        content=message.text(),
+        tool_calls=calls,
+        tool_call_id=message.tool_call_id,
+        name=message.name,
     )
 
 
@@ -301,7 +314,7 @@ class EmbeddingRequest(_Strict):
             raise UnsupportedParameter("token-id input is not supported; send the text")
         if len(value) > 2048:
             raise ValueError("'input' may hold at most 2048 items")
-        if any(not item for item in value):  # type: ignore[union-attr]
+        if any(not item for item in value):
             raise ValueError("'input' items cannot be empty strings")
         return value  # type: ignore[return-value]
 

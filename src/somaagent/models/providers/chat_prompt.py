@@ -94,7 +94,9 @@ def plan_prompt(template: str, request: ChatRequest) -> PromptPlan:
     if tools and choice.mode == "function":
         spec = next(t for t in tools if t.name == choice.function)
         primer = f'{TOOL_OPEN}{{"name": {json.dumps(spec.name)}, "arguments": '
-        return PromptPlan(prompt, primer=primer, schema=_object_schema(spec.parameters), forced_tool=spec.name)
+        return PromptPlan(
+            prompt, primer=primer, schema=_object_schema(spec.parameters), forced_tool=spec.name
+        )
     if tools and choice.mode == "required":
         any_of = [
             {

