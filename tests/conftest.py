@@ -39,7 +39,7 @@ def main_server_env() -> dict[str, str]:
             "timeout_s": 3,
         },
     ]
-    return {"SOMA_EXTRA_MODELS": json.dumps(extra), "SOMA_MODEL_QUEUE": "2"}
+    return {"SOMA_EXTRA_MODELS": json.dumps(extra), "SOMA_MODEL_QUEUE": "2", "SOMA_LAST_USED_FLUSH_S": "0.3"}
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     # Background work.
     outbox_flush_ms: int = 50
     key_cache_ttl_s: float = 300.0
+    last_used_flush_s: float = 10.0
     revocation_poll_s: float = 0.5
 
     @field_validator("data_dir")

@@ -17,8 +17,11 @@ from tests.support.contract import validate
 EMBED = "all-minilm-l6-v2"
 CHAT = "smollm2-135m-instruct"
 DIMS = 384
-TEXTS = ["The cat sits on the mat.", "Quarterly revenue grew by ten percent.",
-         "A kitten is resting on a rug."]
+TEXTS = [
+    "The cat sits on the mat.",
+    "Quarterly revenue grew by ten percent.",
+    "A kitten is resting on a rug.",
+]
 
 
 def embed(tenant: TenantCtx, **body: Any) -> dict[str, Any]:

@@ -20,8 +20,10 @@ HELLO = [{"role": "user", "content": "Say hello."}]
 TEN_MB = 10 * 1024 * 1024
 WEATHER_TOOL = {
     "type": "function",
-    "function": {"name": "get_weather",
-                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
 }
 
 
@@ -61,8 +63,17 @@ def test_missing_key_is_401_with_a_hint(server: SomaServer) -> None:
     assert response.headers["www-authenticate"] == "Bearer"
 
 
-@pytest.mark.parametrize("header", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer not-a-key", "sk-soma-short",
-                                    "sk-soma-" + "a" * 40])
+MALFORMED = {
+    "basic-scheme": "Basic dXNlcjpwYXNz",
+    "no-token": "Bearer",
+    "not-a-soma-key": "Bearer not-a-key",
+    "too-short": "Bearer sk-soma-short",
+    "too-long": "Bearer sk-soma-" + "a" * 100,
+    "no-scheme": "sk-soma-" + "a" * 43,
+}
+
+
+@pytest.mark.parametrize("header", list(MALFORMED.values()), ids=list(MALFORMED))
 def test_malformed_authorization_header_is_401(server: SomaServer, header: str) -> None:
     with anonymous(server, {"authorization": header}) as client:
         error = api_error(client.get("/v1/models"), 401)
@@ -138,8 +149,9 @@ def test_unknown_url_is_404(tenant: TenantCtx, path: str) -> None:
     assert "Unknown request URL" in error["message"]
 
 
-@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/chat/completions"), ("PUT", "/v1/embeddings"),
-                                              ("POST", "/v1/models")])
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/v1/chat/completions"), ("PUT", "/v1/embeddings"), ("POST", "/v1/models")]
+)
 def test_wrong_method_is_405(tenant: TenantCtx, method: str, path: str) -> None:
     response = tenant.http.request(method, path)
     error = api_error(response, 405)
@@ -151,8 +163,11 @@ def test_wrong_method_is_405(tenant: TenantCtx, method: str, path: str) -> None:
 
 
 def test_malformed_json_is_400(tenant: TenantCtx) -> None:
-    response = tenant.http.post("/v1/chat/completions", content=b'{"model": "x", "messages": [',
-                                headers={"content-type": "application/json"})
+    response = tenant.http.post(
+        "/v1/chat/completions",
+        content=b'{"model": "x", "messages": [',
+        headers={"content-type": "application/json"},
+    )
     error = api_error(response, 400)
     assert error["code"] == "invalid_json"
     assert error["param"] is None
@@ -172,38 +187,74 @@ def test_missing_required_field_names_it(tenant: TenantCtx) -> None:
     assert error["code"] == "missing_required_parameter"
 
 
-TOOL_CHOICE_OTHER = {"tools": [WEATHER_TOOL],
-                     "tool_choice": {"type": "function", "function": {"name": "other"}}}
-BAD_TOOL_SCHEMA = {"tools": [{"type": "function",
-                              "function": {"name": "f", "parameters": {"type": "nonsense"}}}]}
-BAD_FORMAT_SCHEMA = {"response_format": {"type": "json_schema",
-                                         "json_schema": {"name": "x", "schema": {"type": 12}}}}
+TOOL_CHOICE_OTHER = {
+    "tools": [WEATHER_TOOL],
+    "tool_choice": {"type": "function", "function": {"name": "other"}},
+}
+BAD_TOOL_SCHEMA = {
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]
+}
+BAD_FORMAT_SCHEMA = {
+    "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}}
+}
 UNSUPPORTED = "unsupported_parameter"
 
 # (changes to a valid body, expected param, expected code or None, a fragment the message must hold)
 BAD_BODIES = [
     pytest.param({"temperature": "hot"}, "temperature", None, "'hot'", id="temperature-string"),
-    pytest.param({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", None,
-                 "messages[0].content", id="content-int"),
-    pytest.param({"temperature": 3}, "temperature", "invalid_value", "less than or equal to 2",
-                 id="temperature-3"),
+    pytest.param(
+        {"messages": [{"role": "user", "content": 5}]},
+        "messages[0].content",
+        None,
+        "messages[0].content",
+        id="content-int",
+    ),
+    pytest.param(
+        {"temperature": 3}, "temperature", "invalid_value", "less than or equal to 2", id="temperature-3"
+    ),
     pytest.param({"top_p": 2}, "top_p", "invalid_value", "less than or equal to 1", id="top_p-2"),
-    pytest.param({"max_tokens": 0}, "max_tokens", "invalid_value", "greater than or equal to 1",
-                 id="max_tokens-0"),
+    pytest.param(
+        {"max_tokens": 0}, "max_tokens", "invalid_value", "greater than or equal to 1", id="max_tokens-0"
+    ),
     pytest.param({"messages": []}, "messages", None, "at least 1 item", id="empty-messages"),
-    pytest.param({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", None, "'wizard'",
-                 id="bad-role"),
-    pytest.param({"messages": [*HELLO, {"role": "tool", "content": "21C"}]}, "messages[1]", None,
-                 "tool_call_id", id="tool-without-tool_call_id"),
+    pytest.param(
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        "messages[0].role",
+        None,
+        "'wizard'",
+        id="bad-role",
+    ),
+    pytest.param(
+        {"messages": [*HELLO, {"role": "tool", "content": "21C"}]},
+        "messages[1]",
+        None,
+        "tool_call_id",
+        id="tool-without-tool_call_id",
+    ),
     pytest.param({"n": 2}, "n", UNSUPPORTED, "'n' = 2 is not supported", id="n-2"),
     pytest.param({"logprobs": True}, "logprobs", UNSUPPORTED, "'logprobs' is not supported", id="logprobs"),
-    pytest.param({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions", UNSUPPORTED,
-                 "use 'tools'", id="functions"),
+    pytest.param(
+        {"functions": [{"name": "f", "parameters": {"type": "object"}}]},
+        "functions",
+        UNSUPPORTED,
+        "use 'tools'",
+        id="functions",
+    ),
     pytest.param(TOOL_CHOICE_OTHER, "tool_choice", None, "'other'", id="tool_choice-not-in-tools"),
-    pytest.param(BAD_TOOL_SCHEMA, "tools[0].function.parameters", None, "not a valid JSON schema",
-                 id="tool-invalid-schema"),
-    pytest.param(BAD_FORMAT_SCHEMA, "response_format.json_schema.schema", None, "not a valid JSON schema",
-                 id="response_format-invalid-schema"),
+    pytest.param(
+        BAD_TOOL_SCHEMA,
+        "tools[0].function.parameters",
+        None,
+        "not a valid JSON schema",
+        id="tool-invalid-schema",
+    ),
+    pytest.param(
+        BAD_FORMAT_SCHEMA,
+        "response_format.json_schema.schema",
+        None,
+        "not a valid JSON schema",
+        id="response_format-invalid-schema",
+    ),
 ]
 
 
@@ -237,8 +288,9 @@ def test_unsupported_parameter_through_the_sdk(tenant: TenantCtx) -> None:
 
 
 def test_ten_megabyte_body_with_content_length_is_413(tenant: TenantCtx) -> None:
-    response = tenant.http.post("/v1/chat/completions", content=b" " * TEN_MB,
-                                headers={"content-type": "application/json"})
+    response = tenant.http.post(
+        "/v1/chat/completions", content=b" " * TEN_MB, headers={"content-type": "application/json"}
+    )
     error = api_error(response, 413)
     assert error["code"] == "request_too_large"
     assert "byte limit" in error["message"]
@@ -251,8 +303,9 @@ def test_ten_megabyte_chunked_body_is_413(tenant: TenantCtx) -> None:
             yield b"a" * 65536
         yield b'"}]}'
 
-    response = tenant.http.post("/v1/chat/completions", content=body(),
-                                headers={"content-type": "application/json"})
+    response = tenant.http.post(
+        "/v1/chat/completions", content=body(), headers={"content-type": "application/json"}
+    )
     assert "content-length" not in response.request.headers
     assert response.request.headers["transfer-encoding"] == "chunked"
     error = api_error(response, 413)

@@ -87,7 +87,10 @@ def test_chat_profile_falls_through_the_dead_upstream(tenant: TenantCtx) -> None
     assert completion.choices[0].message.content
 
     stream = tenant.oai.chat.completions.create(
-        model="profile:chat", messages=HELLO, max_tokens=4, stream=True,
+        model="profile:chat",
+        messages=HELLO,
+        max_tokens=4,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)

@@ -107,8 +107,10 @@ def test_restricted_model_exists_only_for_its_tenant(new_tenant: Callable[..., T
         chat(a, RESTRICTED_MODEL)
     assert caught.value.code == "model_not_found"
     assert caught.value.param == "model"
-    stream = a.http.post("/v1/chat/completions",
-                         json={"model": RESTRICTED_MODEL, "messages": HELLO, "max_tokens": 2, "stream": True})
+    stream = a.http.post(
+        "/v1/chat/completions",
+        json={"model": RESTRICTED_MODEL, "messages": HELLO, "max_tokens": 2, "stream": True},
+    )
     assert not_found(stream)["code"] == "model_not_found"
 
 

@@ -123,8 +123,12 @@ def test_start_and_end_filter_by_day(tenant: TenantCtx) -> None:
     everything = rows_by_model(tenant, 1)
     assert everything[CHAT]["requests"] == 1
     assert everything[CHAT]["total_tokens"] == answer.usage.total_tokens
-    for window in ({"start": day.isoformat()}, {"end": day.isoformat()},
-                   {"start": day.isoformat(), "end": day.isoformat()}, {"start": yesterday, "end": tomorrow}):
+    for window in (
+        {"start": day.isoformat()},
+        {"end": day.isoformat()},
+        {"start": day.isoformat(), "end": day.isoformat()},
+        {"start": yesterday, "end": tomorrow},
+    ):
         assert usage(tenant, **window)["data"] == list(everything.values()), window
     for window in ({"end": yesterday}, {"start": tomorrow}, {"start": tomorrow, "end": yesterday}):
         assert usage(tenant, **window)["data"] == [], window

@@ -85,6 +85,7 @@ def start_soma(
     extra_env: dict[str, str] | None = None,
     data_dir: Path | None = None,
     expect_key: bool = True,
+    args: tuple[str, ...] = (),
 ) -> SomaServer:
     """Start `soma serve` on a free loopback port and wait until it answers."""
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="soma-test-"))
@@ -106,7 +107,9 @@ def start_soma(
     out_path = data_dir / "stdout.txt"
     started = time.monotonic()
     with open(log_path, "wb") as err, open(out_path, "wb") as out:
-        proc = subprocess.Popen([SOMA, "serve"], env=env, stdout=out, stderr=err, cwd=data_dir)
+        proc = subprocess.Popen(
+            [SOMA, "serve", *args], env=env, stdout=out, stderr=err, cwd=data_dir, stdin=subprocess.DEVNULL
+        )
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/healthz", 60, proc, log_path)
     elapsed = time.monotonic() - started

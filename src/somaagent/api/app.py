@@ -144,7 +144,11 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         sessions=sessions,
         secret=settings.resolved_secret_key(),
         authenticator=KeyAuthenticator(
-            sessions, settings.resolved_secret_key(), settings.key_cache_ttl_s, settings.revocation_poll_s
+            sessions,
+            settings.resolved_secret_key(),
+            settings.key_cache_ttl_s,
+            settings.revocation_poll_s,
+            settings.last_used_flush_s,
         ),
         catalog=catalog,
         router=ModelRouter(catalog, profile_cache.models_for, metrics.observe_model),

@@ -19,7 +19,6 @@ from somaagent.identity.tables import ApiKey, Tenant
 
 log = logging.getLogger(__name__)
 
-LAST_USED_FLUSH_S = 10.0
 MAX_CACHED = 100_000
 
 
@@ -29,12 +28,18 @@ class KeyAuthenticator:
     `poll_s`. Last-used times are written in batches, not on every request."""
 
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], secret: bytes, ttl_s: float, poll_s: float
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        secret: bytes,
+        ttl_s: float,
+        poll_s: float,
+        last_used_flush_s: float = 10.0,
     ) -> None:
         self._sessions = sessions
         self._secret = secret
         self._ttl_s = ttl_s
         self._poll_s = poll_s
+        self._last_used_flush_s = last_used_flush_s
         self._cache: dict[str, tuple[Principal, float]] = {}
         self._last_used: dict[str, datetime] = {}
         self._epoch = -1
@@ -123,7 +128,7 @@ class KeyAuthenticator:
 
     async def _flush_last_used_loop(self) -> None:
         while True:
-            await asyncio.sleep(LAST_USED_FLUSH_S)
+            await asyncio.sleep(self._last_used_flush_s)
             try:
                 await self.flush_last_used()
             except Exception as exc:
