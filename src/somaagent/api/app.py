@@ -8,9 +8,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from somaagent import __version__
 from somaagent.analytics.usage import UsageConsumer
@@ -187,6 +189,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         lifespan=lifespan,
     )
     app.state.services = services
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     for module in (chat, embeddings, models, tenants, keys, profiles, usage, health):
         app.include_router(module.router)
@@ -197,6 +200,27 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         access_log_enabled=settings.access_log,
     )
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, without FastAPI's default 422 (we answer invalid input with 400)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                invalid = responses.pop("422", None)
+                if invalid is not None and "400" not in responses:
+                    responses["400"] = {
+                        "description": "Invalid request (the message names the parameter)",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+                        },
+                    }
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def app_from_env() -> FastAPI:
