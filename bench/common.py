@@ -147,7 +147,10 @@ class ProcessGroup:
         self.tmp = Path(tempfile.mkdtemp(prefix="soma-bench-"))
 
     def __enter__(self) -> ProcessGroup:
+        # Our own handler for both (asyncio.Runner's SIGINT handler only cancels the running task,
+        # which the load loops can absorb): raise at once, so __exit__ stops the servers.
         signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGINT, _raise_interrupt)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -93,6 +93,15 @@ def test_totals_equal_the_usage_the_calls_returned(tenant: TenantCtx) -> None:
     assert (embed["prompt_tokens"], embed["completion_tokens"]) == (embedded, 0)
 
 
+def test_a_finished_stream_is_in_usage_at_once(tenant: TenantCtx) -> None:
+    # /v1/usage promises read-your-writes: once the client has read `data: [DONE]`, the call is counted.
+    for done in range(1, 16):
+        stream = tenant.oai.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=1, stream=True)
+        assert [c for c in stream if c.choices and c.choices[0].finish_reason]
+        rows = usage(tenant)["data"]
+        assert [(r["model"], r["requests"]) for r in rows] == [(CHAT, done)]
+
+
 def test_failed_model_calls_count_as_errors_and_refused_requests_do_not(tenant: TenantCtx) -> None:
     good = tenant.oai.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=3)
     assert good.usage is not None

@@ -92,13 +92,17 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+# FastAPI's first location item says where the value came from; OpenAI's `param` is the name alone.
+_SOURCES = frozenset({"body", "query", "path", "header", "cookie"})
 
 
 def _param(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
-    for item in loc:
+    for position, item in enumerate(loc):
+        if position == 0 and item in _SOURCES:
+            continue
         # Pydantic names union members in the location ("content.str"): not part of the param.
-        if item == "body" or (isinstance(item, str) and (item in _TYPE_TAGS or "[" in item)):
+        if isinstance(item, str) and (item in _TYPE_TAGS or "[" in item):
             continue
         if isinstance(item, int):
             parts.append(f"[{item}]")
@@ -163,6 +167,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if isinstance(exc.__cause__, SomaError):
+            # FastAPI turns any error raised while it reads the body (the size cap on a chunked
+            # upload raises PayloadTooLarge) into a generic 400; answer with the real error.
+            return soma_error_response(exc.__cause__)
         type_ = _STATUS_TYPES.get(
             exc.status_code, "server_error" if exc.status_code >= 500 else "invalid_request_error"
         )

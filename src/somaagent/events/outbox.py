@@ -58,6 +58,9 @@ class BufferedEmitter:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_flushed = on_flushed
+        # One flush at a time: a caller's flush (read-your-writes before reading usage) must wait
+        # for a background flush that has already taken the buffer but not yet committed it.
+        self._flushing = asyncio.Lock()
 
     def emit(self, event: Event) -> None:
         """Queue an event; never blocks the request."""
@@ -69,18 +72,19 @@ class BufferedEmitter:
         self._task = asyncio.create_task(self._run(), name="outbox-flush")
 
     async def flush(self) -> None:
-        """Write everything buffered so far."""
-        batch, self._buffer = self._buffer, []
-        if not batch:
-            return
-        try:
-            async with self._sessions() as session, session.begin():
-                await insert_events(session, batch)
-        except Exception:
-            # Keep the events and try again next tick rather than lose usage records.
-            log.exception("outbox flush failed; %d events kept for retry", len(batch))
-            self._buffer[:0] = batch
-            return
+        """Write everything buffered so far; returns once that and any flush under way are committed."""
+        async with self._flushing:
+            batch, self._buffer = self._buffer, []
+            if not batch:
+                return
+            try:
+                async with self._sessions() as session, session.begin():
+                    await insert_events(session, batch)
+            except Exception:
+                # Keep the events and try again next tick rather than lose usage records.
+                log.exception("outbox flush failed; %d events kept for retry", len(batch))
+                self._buffer[:0] = batch
+                return
         if self._on_flushed is not None:
             result = self._on_flushed()
             if result is not None:

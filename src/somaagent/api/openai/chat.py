@@ -93,7 +93,17 @@ async def _sse(
     model = first.model
     usage: Usage | None = None
     pieces = 0
-    status = "cancelled"  # unless we reach the end
+    recorded = False
+
+    def record(status: str) -> None:
+        # Called before the closing frames: a client that has read `[DONE]` and then asks
+        # /v1/usage must find this call there (read-your-writes).
+        nonlocal recorded
+        if not recorded:
+            recorded = True
+            spent = usage or Usage(prompt_tokens=0, completion_tokens=pieces)  # cut short: what was produced
+            _record(services, principal, request_id, model, spent, started, status)
+
     try:
         yield renderer.role(model)
         chunk: ChatChunk | None = first
@@ -104,17 +114,17 @@ async def _sse(
                 pieces += 1
                 yield renderer.chunk(chunk)
             chunk = await anext(chunks, None)
+        record("ok")
         if renderer.include_usage and usage is not None:
             yield renderer.usage(model, usage)
         yield renderer.done()
-        status = "ok"
     except SomaError as exc:
-        status = exc.code
+        record(exc.code)
         _, type_ = status_for(exc)
         yield renderer.error(error_body(exc.message, type_, exc.code, exc.param))
         yield renderer.done()
     except Exception as exc:
-        status = "internal_error"
+        record("internal_error")
         log.exception("stream failed")
         yield renderer.error(
             error_body(f"the stream failed (request id {request_id})", "server_error", "internal_error")
@@ -123,9 +133,7 @@ async def _sse(
         yield renderer.done()
     finally:
         await chunks.aclose()  # stops generation if the client went away
-        if usage is None:  # cut short: count what was produced
-            usage = Usage(prompt_tokens=0, completion_tokens=pieces)
-        _record(services, principal, request_id, model, usage, started, status)
+        record("cancelled")  # the client left before the end
 
 
 def _record(

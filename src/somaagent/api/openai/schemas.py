@@ -35,6 +35,16 @@ class UnsupportedParameter(ValueError):
         self.param = param or (found.group(1) if found else None)
 
 
+class InvalidParameter(ValueError):
+    """A value that breaks a rule spanning several fields; `param` names the one to fix."""
+
+    code = "invalid_value"
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -218,19 +228,25 @@ class ChatCompletionRequest(_Strict):
                 "'functions'/'function_call' are deprecated; use 'tools' and 'tool_choice'"
             )
         if self.max_tokens and self.max_completion_tokens and self.max_tokens != self.max_completion_tokens:
-            raise ValueError(
-                "'max_tokens' and 'max_completion_tokens' disagree; send only 'max_completion_tokens'"
+            raise InvalidParameter(
+                "'max_tokens' and 'max_completion_tokens' disagree; send only 'max_completion_tokens'",
+                param="max_tokens",
             )
         if self.stream_options is not None and not self.stream:
-            raise ValueError("'stream_options' is only allowed when 'stream' is true")
+            raise InvalidParameter(
+                "'stream_options' is only allowed when 'stream' is true", param="stream_options"
+            )
         if isinstance(self.tool_choice, NamedToolChoice):
             names = {t.function.name for t in self.tools or ()}
             if self.tool_choice.function.name not in names:
-                raise ValueError(
-                    f"tool_choice names function {self.tool_choice.function.name!r}, which is not in 'tools'"
+                raise InvalidParameter(
+                    f"tool_choice names function {self.tool_choice.function.name!r}, which is not in 'tools'",
+                    param="tool_choice",
                 )
         elif self.tool_choice == "required" and not self.tools:
-            raise ValueError("tool_choice 'required' needs at least one tool in 'tools'")
+            raise InvalidParameter(
+                "tool_choice 'required' needs at least one tool in 'tools'", param="tool_choice"
+            )
         return self
 
     def to_chat_request(self) -> ChatRequest:
