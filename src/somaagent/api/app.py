@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
@@ -36,6 +35,7 @@ from somaagent.models.profiles import ProfileCache
 from somaagent.models.providers.llamacpp import LlamaCppChatModel, default_gguf_path
 from somaagent.models.providers.openai_compat import OpenAICompatibleChatModel, OpenAICompatibleEmbedder
 from somaagent.models.providers.threaded_embedder import ThreadedEmbedder
+from somaagent.models.providers.upstream_http import UpstreamClient
 from somaagent.models.router import ModelRouter
 from somaagent.models.slots import ModelSlots
 from somaagent.observability.logs import configure_logging
@@ -46,9 +46,9 @@ Check = Callable[[], Awaitable[None]]
 
 def _build_catalog(
     settings: Settings, metrics: Metrics
-) -> tuple[ModelCatalog, list[httpx.AsyncClient], list[tuple[str, Check]]]:
+) -> tuple[ModelCatalog, list[UpstreamClient], list[tuple[str, Check]]]:
     entries: list[CatalogEntry] = []
-    clients: list[httpx.AsyncClient] = []
+    clients: list[UpstreamClient] = []
     checks: list[tuple[str, Check]] = []
     for spec in settings.catalog:
         slots = ModelSlots(spec.id, settings.model_slots, settings.model_queue)
@@ -74,27 +74,18 @@ def _build_catalog(
         else:
             if not spec.base_url:
                 raise ValueError(f"model {spec.id!r}: provider 'openai' needs base_url")
-            headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
-            client = httpx.AsyncClient(
-                base_url=spec.base_url.rstrip("/") + "/",
-                headers=headers,
-                limits=httpx.Limits(max_connections=200, max_keepalive_connections=100),
-            )
+            client = UpstreamClient(spec.id, spec.base_url, spec.api_key, spec.timeout_s)
             clients.append(client)
             upstream_model = spec.upstream_model or spec.id
             if spec.kind == "embedding":
                 entries.append(
                     CatalogEntry(
-                        spec=spec,
-                        embedder=OpenAICompatibleEmbedder(spec.id, client, upstream_model, spec.timeout_s),
+                        spec=spec, embedder=OpenAICompatibleEmbedder(spec.id, client, upstream_model)
                     )
                 )
             else:
                 entries.append(
-                    CatalogEntry(
-                        spec=spec,
-                        chat=OpenAICompatibleChatModel(spec.id, client, upstream_model, spec.timeout_s),
-                    )
+                    CatalogEntry(spec=spec, chat=OpenAICompatibleChatModel(spec.id, client, upstream_model))
                 )
     return ModelCatalog(entries), clients, checks
 
@@ -136,7 +127,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     metrics = Metrics()
     bus = InProcessBus()
     relay = OutboxRelay(sessions, bus)
-    emitter = BufferedEmitter(sessions, settings.outbox_flush_ms, on_flushed=relay.poke)
+    emitter = BufferedEmitter(sessions, settings.outbox_flush_ms, on_flushed=relay.deliver)
     bus.subscribe(MODEL_USAGE, UsageConsumer(sessions))
     catalog, clients, checks = _build_catalog(settings, metrics)
     profile_cache = ProfileCache(sessions)
@@ -179,7 +170,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
             await services.authenticator.close()
             await catalog.close()
             for client in clients:
-                await client.aclose()
+                await client.close()
             await engine.dispose()
 
     app = FastAPI(

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from somaagent.config import Settings
@@ -15,6 +14,7 @@ from somaagent.events.relay import OutboxRelay
 from somaagent.identity.authenticator import KeyAuthenticator
 from somaagent.models.catalog import ModelCatalog
 from somaagent.models.profiles import ProfileCache
+from somaagent.models.providers.upstream_http import UpstreamClient
 from somaagent.models.router import ModelRouter
 from somaagent.observability.metrics import Metrics
 
@@ -35,6 +35,6 @@ class Services:
     emitter: BufferedEmitter
     metrics: Metrics
     profiles: ProfileCache
-    http_clients: list[httpx.AsyncClient] = field(default_factory=list)
+    http_clients: list[UpstreamClient] = field(default_factory=list)
     readiness: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
     started_at: int = 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -50,7 +49,7 @@ class BufferedEmitter:
         self,
         sessions: async_sessionmaker[AsyncSession],
         flush_ms: int,
-        on_flushed: Callable[[], Awaitable[None] | None] | None = None,
+        on_flushed: Callable[[list[Event]], Awaitable[None]] | None = None,
     ) -> None:
         self._sessions = sessions
         self._interval = flush_ms / 1000
@@ -61,6 +60,7 @@ class BufferedEmitter:
         # One flush at a time: a caller's flush (read-your-writes before reading usage) must wait
         # for a background flush that has already taken the buffer but not yet committed it.
         self._flushing = asyncio.Lock()
+        self._closing = False
 
     def emit(self, event: Event) -> None:
         """Queue an event; never blocks the request."""
@@ -74,6 +74,7 @@ class BufferedEmitter:
     async def flush(self) -> None:
         """Write everything buffered so far; returns once that and any flush under way are committed."""
         async with self._flushing:
+            batch: list[Event]
             batch, self._buffer = self._buffer, []
             if not batch:
                 return
@@ -86,21 +87,24 @@ class BufferedEmitter:
                 self._buffer[:0] = batch
                 return
         if self._on_flushed is not None:
-            result = self._on_flushed()
-            if result is not None:
-                await result
+            await self._on_flushed(batch)
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             await self._wakeup.wait()
             self._wakeup.clear()
-            await asyncio.sleep(self._interval)
-            await self.flush()
+            if not self._closing:
+                await asyncio.sleep(self._interval)
+            try:
+                await self.flush()
+            except Exception:  # the loop must outlive any one bad flush
+                log.exception("outbox flush failed")
 
     async def close(self) -> None:
-        """Stop the loop and flush the remainder."""
+        """Stop the loop, letting a flush under way finish (cancelling it could drop its batch), and
+        flush the remainder."""
+        self._closing = True
+        self._wakeup.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
         await self.flush()

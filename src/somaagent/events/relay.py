@@ -73,6 +73,22 @@ class OutboxRelay:
             except Exception:
                 log.exception("outbox relay pass failed")
 
+    async def deliver(self, events: list[Event]) -> None:
+        """Publish events this process has just committed to the outbox, without reading them back;
+        on failure they stay unpublished and the polling pass retries them."""
+        async with self._lock:
+            try:
+                await self._bus.publish(events)
+            except Exception as exc:
+                log.warning("direct delivery of %d events failed (%r); relay will retry", len(events), exc)
+                return
+            async with self._sessions() as session, session.begin():
+                await session.execute(
+                    update(OutboxEvent)
+                    .where(OutboxEvent.id.in_([e.id for e in events]), OutboxEvent.published_at.is_(None))
+                    .values(published_at=utcnow())
+                )
+
     async def relay_once(self) -> int:
         """Publish one batch of unpublished rows; returns how many were taken."""
         async with self._lock, self._sessions() as session, session.begin():

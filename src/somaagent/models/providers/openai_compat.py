@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import httpx
 import orjson
 
 from somaagent.core.errors import InvalidRequest, UpstreamError
@@ -26,6 +25,7 @@ from somaagent.models.messages import (
     ToolCallDelta,
     Usage,
 )
+from somaagent.models.providers.upstream_http import UpstreamClient
 
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop",
@@ -96,39 +96,28 @@ def request_body(request: ChatRequest, upstream_model: str, stream: bool) -> dic
 class OpenAICompatibleChatModel:
     """A `ChatModel` that forwards to an OpenAI-compatible `/chat/completions`."""
 
-    def __init__(
-        self, model_id: str, client: httpx.AsyncClient, upstream_model: str, timeout_s: float
-    ) -> None:
+    def __init__(self, model_id: str, client: UpstreamClient, upstream_model: str) -> None:
         self.id = model_id
         self.context_window: int | None = None
         self._client = client
         self._upstream_model = upstream_model
-        self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
 
     async def ready(self) -> None:
         """Reachable if `/models` answers."""
-        try:
-            response = await self._client.get("models", timeout=self._timeout)
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"upstream for {self.id!r} is unreachable: {exc!r}") from exc
-        if response.status_code >= 500:
-            raise UpstreamError(f"upstream for {self.id!r} answered {response.status_code}")
+        status, _ = await self._client.get("models")
+        if status >= 500:
+            raise UpstreamError(f"upstream for {self.id!r} answered {status}")
 
     async def close(self) -> None:
-        """The shared HTTP client is closed by its owner."""
+        """The HTTP client is shared per upstream and closed by its owner."""
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         """One upstream round trip."""
         body = orjson.dumps(request_body(request, self._upstream_model, stream=False))
+        status, content = await self._client.post_json("chat/completions", body)
+        _raise_for_status(self.id, status, content)
         try:
-            response = await self._client.post(
-                "chat/completions", content=body, headers=_JSON, timeout=self._timeout
-            )
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"upstream for {self.id!r} failed: {exc!r}") from exc
-        _raise_for_status(self.id, response.status_code, response.content)
-        try:
-            data = orjson.loads(response.content)
+            data = orjson.loads(content)
             choice = data["choices"][0]
             message = choice["message"]
             calls = tuple(
@@ -155,12 +144,10 @@ class OpenAICompatibleChatModel:
         usage: Usage | None = None
         pieces = 0
         try:
-            async with self._client.stream(
-                "POST", "chat/completions", content=body, headers=_JSON, timeout=self._timeout
-            ) as response:
-                if response.status_code >= 400:
-                    _raise_for_status(self.id, response.status_code, await response.aread())
-                async for line in response.aiter_lines():
+            async with self._client.stream_lines("chat/completions", body) as (status, lines):
+                if status >= 400:
+                    _raise_for_status(self.id, status, "\n".join([line async for line in lines]).encode())
+                async for line in lines:
                     if not line.startswith("data:"):
                         continue
                     payload = line[5:].strip()
@@ -186,8 +173,6 @@ class OpenAICompatibleChatModel:
                             yield ChatChunk(model=self.id, content=delta.get("content"), tool_calls=calls)
                         if choice.get("finish_reason"):
                             finish = _FINISH.get(choice["finish_reason"], "stop")
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"upstream for {self.id!r} failed mid-stream: {exc!r}") from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise UpstreamError(f"upstream for {self.id!r} sent a chunk we cannot read: {exc!r}") from exc
         # Servers that ignore stream_options (llama.cpp's Python server) send no usage: they send one
@@ -198,34 +183,26 @@ class OpenAICompatibleChatModel:
 class OpenAICompatibleEmbedder:
     """An `Embedder` that forwards to an OpenAI-compatible `/embeddings`."""
 
-    def __init__(
-        self, model_id: str, client: httpx.AsyncClient, upstream_model: str, timeout_s: float
-    ) -> None:
+    def __init__(self, model_id: str, client: UpstreamClient, upstream_model: str) -> None:
         self.id = model_id
         self.dimensions = 0  # learned from the first answer
         self._client = client
         self._upstream_model = upstream_model
-        self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
 
     async def ready(self) -> None:
         """Reachable if an embedding of one word comes back."""
         await self.embed(["ready"])
 
     async def close(self) -> None:
-        """The shared HTTP client is closed by its owner."""
+        """The HTTP client is shared per upstream and closed by its owner."""
 
     async def embed(self, texts: list[str]) -> Embeddings:
         """Vectors from the upstream, as floats."""
         body = orjson.dumps({"model": self._upstream_model, "input": texts, "encoding_format": "float"})
+        status, content = await self._client.post_json("embeddings", body)
+        _raise_for_status(self.id, status, content)
         try:
-            response = await self._client.post(
-                "embeddings", content=body, headers=_JSON, timeout=self._timeout
-            )
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"upstream for {self.id!r} failed: {exc!r}") from exc
-        _raise_for_status(self.id, response.status_code, response.content)
-        try:
-            data = orjson.loads(response.content)
+            data = orjson.loads(content)
             items = sorted(data["data"], key=lambda item: item["index"])
             vectors = [list(map(float, item["embedding"])) for item in items]
             tokens = int((data.get("usage") or {}).get("prompt_tokens", 0))
@@ -234,9 +211,6 @@ class OpenAICompatibleEmbedder:
         if vectors:
             self.dimensions = len(vectors[0])
         return Embeddings(model=self.id, vectors=vectors, prompt_tokens=tokens)
-
-
-_JSON = {"content-type": "application/json"}
 
 
 def _raise_for_status(model_id: str, status: int, content: bytes) -> None:
