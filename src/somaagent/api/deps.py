@@ -18,8 +18,8 @@ from somaagent.core.principal import Principal
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer sk-soma-...`")
 
 
-def get_services(request: Request) -> Services:
-    """The process's shared services."""
+async def get_services(request: Request) -> Services:
+    """The process's shared services (async: FastAPI would run a sync dependency in a thread)."""
     services: Services = request.app.state.services
     return services
 

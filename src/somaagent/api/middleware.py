@@ -30,18 +30,18 @@ class EdgeMiddleware:
         self.metrics = metrics
         self.max_body = max_body_bytes
         self.access_log = access_log_enabled
+        self._metric_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _request_id(scope)
+        request_id, declared = _read_headers(scope)
         token = set_request_id(request_id)
         header_id = request_id.encode()
         status = 500
         try:
-            declared = _content_length(scope)
             if declared is not None and declared > self.max_body:
                 status = 413
                 await _too_large(send, header_id, self.max_body)
@@ -61,8 +61,9 @@ class EdgeMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
-            self.metrics.http_requests.labels(template, method, str(status)).inc()
-            self.metrics.http_latency.labels(template, method).observe(elapsed)
+            counter, histogram = self._children(template, method, status)
+            counter.inc()
+            histogram.observe(elapsed)
             if self.access_log:
                 access_log.info(
                     "%s %s %d",
@@ -72,6 +73,18 @@ class EdgeMiddleware:
                     extra={"route": template, "status": status, "ms": round(elapsed * 1000, 2)},
                 )
             reset_request_id(token)
+
+    def _children(self, route: str, method: str, status: int) -> tuple[Any, Any]:
+        # `labels()` hashes and locks on every call; the label sets here are few and fixed.
+        key = (route, method, status)
+        found = self._metric_children.get(key)
+        if found is None:
+            found = (
+                self.metrics.http_requests.labels(route, method, str(status)),
+                self.metrics.http_latency.labels(route, method),
+            )
+            self._metric_children[key] = found
+        return found
 
     def _capped(self, receive: Receive) -> Receive:
         limit = self.max_body
@@ -91,21 +104,20 @@ class EdgeMiddleware:
         return capped_receive
 
 
-def _request_id(scope: Scope) -> str:
+def _read_headers(scope: Scope) -> tuple[str, int | None]:
+    """(request id, declared content length) in one pass over the headers."""
+    request_id: str | None = None
+    length: int | None = None
     for name, value in scope["headers"]:
-        if name == b"x-request-id" and _SAFE_ID.match(value):
-            return str(value.decode())
-    return new_request_id()
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
+        if name == b"x-request-id":
+            if _SAFE_ID.match(value):
+                request_id = value.decode()
+        elif name == b"content-length":
             try:
-                return int(value)
+                length = int(value)
             except ValueError:
-                return None
-    return None
+                length = None
+    return request_id or new_request_id(), length
 
 
 async def _too_large(send: Send, request_id: bytes, limit: int) -> None:

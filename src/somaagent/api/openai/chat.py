@@ -158,19 +158,31 @@ def _record_failure(
 
 
 async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, but cancel it (and raise `ClientGone`) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    """Await `work` in this task; a watcher cancels it (and we raise `ClientGone`) if the client
+    disconnects first. One extra task per request, not two."""
+    current = asyncio.current_task()
+    assert current is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(request)
+        gone = True
+        current.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        result = await work
+    except asyncio.CancelledError:
+        if gone:
+            raise ClientGone from None
+        raise
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
-            watcher.cancel()
-            raise ClientGone
         watcher.cancel()
-    return task.result()
+    if gone:  # the client left just as the work finished: take back the pending cancellation
+        current.uncancel()
+        raise ClientGone
+    return result
 
 
 async def _disconnected(request: Request) -> None:
