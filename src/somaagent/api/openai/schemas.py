@@ -45,6 +45,16 @@ class InvalidParameter(ValueError):
         self.param = param
 
 
+def _json_schema(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A JSON schema the grammar builder and validators can use, or a ValueError saying why not."""
+    if value is not None:
+        try:
+            jsonschema.Draft202012Validator.check_schema(value)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"not a valid JSON schema: {exc.message}") from exc
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -99,12 +109,7 @@ class FunctionSpec(_Strict):
     @field_validator("parameters")
     @classmethod
     def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            try:
-                jsonschema.Draft202012Validator.check_schema(value)
-            except jsonschema.SchemaError as exc:
-                raise ValueError(f"not a valid JSON schema: {exc.message}") from exc
-        return value
+        return _json_schema(value)
 
 
 class ToolIn(_Strict):
@@ -132,12 +137,7 @@ class JsonSchemaSpec(_Strict):
     @field_validator("schema_")
     @classmethod
     def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            try:
-                jsonschema.Draft202012Validator.check_schema(value)
-            except jsonschema.SchemaError as exc:
-                raise ValueError(f"not a valid JSON schema: {exc.message}") from exc
-        return value
+        return _json_schema(value)
 
 
 class ResponseFormatIn(_Strict):
