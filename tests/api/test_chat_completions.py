@@ -269,3 +269,23 @@ def test_response_format_json_schema_validates(tenant: TenantCtx, stream: bool) 
     else:
         text = tenant.oai.chat.completions.create(**params).choices[0].message.content or ""
     jsonschema.validate(json.loads(text), schema)
+
+
+def test_a_schema_the_grammar_cannot_express_is_a_400_not_a_502(tenant: TenantCtx) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        tenant.oai.chat.completions.create(
+            model=MODEL,
+            messages=HELLO,
+            max_tokens=5,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}},
+            },
+        )
+    error = caught.value.body
+    assert isinstance(error, dict) and error["param"] == "response_format"
+    assert "cannot be enforced" in error["message"]
+    # the model is still serving
+    assert tenant.oai.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).choices

@@ -152,7 +152,7 @@ class LlamaCppChatModel:
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         """Generate an answer piece by piece; closing the iterator stops generation."""
         loop = asyncio.get_running_loop()
-        plan, tokens, sampling = await loop.run_in_executor(self._executor, self._prepare, request)
+        plan, tokens, sampling, grammar = await loop.run_in_executor(self._executor, self._prepare, request)
         async with self._slots.acquire():
             queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
             cancel = threading.Event()
@@ -161,7 +161,7 @@ class LlamaCppChatModel:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
             worker = loop.run_in_executor(
-                self._executor, self._generate, tokens, plan, sampling, emit, cancel
+                self._executor, self._generate, tokens, grammar, sampling, emit, cancel
             )
             try:
                 async for chunk in self._chunks(queue, plan, request, len(tokens)):
@@ -175,7 +175,7 @@ class LlamaCppChatModel:
                     if not isinstance(exc, asyncio.CancelledError):
                         raise UpstreamError(f"local model {self.id!r} failed: {exc}") from exc
 
-    def _prepare(self, request: ChatRequest) -> tuple[PromptPlan, list[int], _Sampling]:
+    def _prepare(self, request: ChatRequest) -> tuple[PromptPlan, list[int], _Sampling, Any]:
         llm = self._ensure_tokenizer()
         assert self._template is not None
         try:
@@ -211,24 +211,20 @@ class LlamaCppChatModel:
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
         )
-        return plan, tokens, sampling
+        return plan, tokens, sampling, _grammar(plan, request)
 
     def _generate(
         self,
         tokens: list[int],
-        plan: PromptPlan,
+        grammar: Any,
         sampling: _Sampling,
         emit: Callable[[tuple[str, Any]], None],
         cancel: threading.Event,
     ) -> None:
         import llama_cpp
-        from llama_cpp.llama_grammar import LlamaGrammar
 
         llm = self._take_instance()
         try:
-            grammar = (
-                LlamaGrammar.from_json_schema(json.dumps(plan.schema), verbose=False) if plan.schema else None
-            )
             llm.set_seed(sampling.seed)
             if sampling.reproducible:
                 # Reusing a cached prompt prefix evaluates the rest in a different batch shape, which
@@ -336,6 +332,27 @@ class LlamaCppChatModel:
                     yield ChatChunk(model=self.id, content=output)
                 yield ChatChunk(model=self.id, finish_reason=finish, usage=usage)
                 return
+
+
+def _grammar(plan: PromptPlan, request: ChatRequest) -> Any:
+    """The llama.cpp grammar for the plan's schema; a schema it cannot express is the caller's 400."""
+    if plan.schema is None:
+        return None
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_json_schema(json.dumps(plan.schema), verbose=False)
+    except Exception as exc:  # the converter raises ValueError/AssertionError/KeyError on what it lacks
+        param = (
+            "tools"
+            if request.tools and request.tool_choice.mode in ("function", "required")
+            else "response_format"
+        )
+        raise InvalidRequest(
+            f"this JSON schema cannot be enforced by the local model ({exc.__class__.__name__}: {exc}); "
+            "simplify it (no external $ref, no 'not')",
+            param=param,
+        ) from exc
 
 
 class _StopScanner:
