@@ -58,8 +58,13 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "platform": platform.platform(), "loadavg_1_5_15": os.getloadavg()}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_1_5_15": os.getloadavg(),
+    }
 
 
 def write_results(name: str, data: dict[str, Any]) -> Path:
@@ -157,12 +162,14 @@ class ProcessGroup:
         for server in reversed(self.servers):
             server.stop()
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str], port: int,
-              cwd: Path | None = None) -> Server:
+    def spawn(
+        self, name: str, argv: list[str], env: dict[str, str], port: int, cwd: Path | None = None
+    ) -> Server:
         log_path = self.tmp / f"{name}.log"
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
+            )
         server = Server(name, proc, port, log_path)
         self.servers.append(server)
         return server
@@ -170,24 +177,35 @@ class ProcessGroup:
     def start_static_upstream(self) -> Server:
         """The benchmark-only static upstream (`bench/static_upstream.py`)."""
         port = free_port()
-        server = self.spawn("static-upstream", [sys.executable, str(BENCH / "static_upstream.py"),
-                                                "--port", str(port)], dict(os.environ), port)
+        server = self.spawn(
+            "static-upstream",
+            [sys.executable, str(BENCH / "static_upstream.py"), "--port", str(port)],
+            dict(os.environ),
+            port,
+        )
         wait_ready(server, "/v1/models", timeout=20)
         return server
 
-    def start_soma(self, name: str, extra_models: list[dict[str, Any]] | None = None, workers: int = 1,
-                   env_overrides: dict[str, str] | None = None) -> Server:
+    def start_soma(
+        self,
+        name: str,
+        extra_models: list[dict[str, Any]] | None = None,
+        workers: int = 1,
+        env_overrides: dict[str, str] | None = None,
+    ) -> Server:
         """`soma serve` on a free loopback port with a fresh data dir; `info['admin_key']` is its key."""
         data_dir = self.tmp / name
         data_dir.mkdir()
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SOMA_")}
-        env.update({
-            "SOMA_DATA_DIR": str(data_dir),
-            "SOMA_HOST": HOST,
-            "SOMA_PORT": str(port),
-            "SOMA_LOG_LEVEL": "WARNING",
-        })
+        env.update(
+            {
+                "SOMA_DATA_DIR": str(data_dir),
+                "SOMA_HOST": HOST,
+                "SOMA_PORT": str(port),
+                "SOMA_LOG_LEVEL": "WARNING",
+            }
+        )
         if extra_models:
             env["SOMA_EXTRA_MODELS"] = json.dumps(extra_models)
         env.update(env_overrides or {})
@@ -344,8 +362,9 @@ class LoadResult:
         }
 
 
-async def run_load(port: int, raw: bytes, concurrency: int, requests: int, max_seconds: float,
-                   warmup: int = 0) -> LoadResult:
+async def run_load(
+    port: int, raw: bytes, concurrency: int, requests: int, max_seconds: float, warmup: int = 0
+) -> LoadResult:
     """`concurrency` connections, each sending `raw` back to back, until `requests` in total have
     completed or `max_seconds` pass. The first `warmup` requests per connection are not counted."""
     conns = [await Connection.open(port) for _ in range(concurrency)]

@@ -79,8 +79,15 @@ async def _check(port: int, raw: bytes) -> None:
         raise RuntimeError(f"port {port} answered {status}: {body[:500]!r}")
 
 
-async def measured(server: Server, raw: bytes, concurrency: int, requests: int, seconds: float,
-                   warmup: int = 20, others: list[Server] | None = None) -> dict[str, Any]:
+async def measured(
+    server: Server,
+    raw: bytes,
+    concurrency: int,
+    requests: int,
+    seconds: float,
+    warmup: int = 20,
+    others: list[Server] | None = None,
+) -> dict[str, Any]:
     """One load run, with the CPU seconds each process spent on it."""
     pids = {server.name: server.proc.pid, **{o.name: o.proc.pid for o in others or []}}
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -109,8 +116,11 @@ def wrk_run(url: str, key: str, body: bytes | None, connections: int, seconds: i
     lines = [f'wrk.headers["authorization"] = "Bearer {key}"']
     if body is not None:
         lua_body = body.decode().replace("\\", "\\\\").replace('"', '\\"')
-        lines += ['wrk.method = "POST"', f'wrk.body = "{lua_body}"',
-                  'wrk.headers["content-type"] = "application/json"']
+        lines += [
+            'wrk.method = "POST"',
+            f'wrk.body = "{lua_body}"',
+            'wrk.headers["content-type"] = "application/json"',
+        ]
     script.write_text("\n".join(lines) + "\n")
     try:
         argv = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url]
@@ -127,12 +137,25 @@ def wrk_run(url: str, key: str, body: bytes | None, connections: int, seconds: i
             return None
         return float(match.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
 
-    return {"rps": float(rps.group(1)) if rps else None, "p50_ms": ms(p50), "p99_ms": ms(p99),
-            "non_2xx": int(non2xx.group(1)) if non2xx else 0, "connections": connections}
+    return {
+        "rps": float(rps.group(1)) if rps else None,
+        "p50_ms": ms(p50),
+        "p99_ms": ms(p99),
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "connections": connections,
+    }
 
 
-def throughput(procs: ProcessGroup, upstream: Server, name: str, workers: int, concurrencies: list[int],
-               requests: int, seconds: float, use_wrk: bool) -> dict[str, Any]:
+def throughput(
+    procs: ProcessGroup,
+    upstream: Server,
+    name: str,
+    workers: int,
+    concurrencies: list[int],
+    requests: int,
+    seconds: float,
+    use_wrk: bool,
+) -> dict[str, Any]:
     """Requests/s of /v1/models and chat at each concurrency for one `soma serve` configuration."""
     gateway = procs.start_soma(name, [_static_spec(upstream)], workers=workers)
     target = Target(gateway, gateway.info["admin_key"])
@@ -144,13 +167,21 @@ def throughput(procs: ProcessGroup, upstream: Server, name: str, workers: int, c
                 summary = run(measured(gateway, raw, c, requests, seconds, warmup=5, others=[upstream]))
                 summary.pop("latencies_ms")
                 out["runs"][f"{label}@{c}"] = summary
-                print(f"  workers={workers} {label}@{c}: {summary['rps']} req/s p50 {summary['p50_ms']} ms "
-                      f"p99 {summary['p99_ms']} ms", flush=True)
+                print(
+                    f"  workers={workers} {label}@{c}: {summary['rps']} req/s p50 {summary['p50_ms']} ms "
+                    f"p99 {summary['p99_ms']} ms",
+                    flush=True,
+                )
         if use_wrk:
             wrk_cases = (("models", None, "/v1/models"), ("chat", CHAT_BODY, "/v1/chat/completions"))
             for label, body, path in wrk_cases:
-                result = wrk_run(f"http://{HOST}:{gateway.port}{path}", gateway.info["admin_key"], body,
-                                 max(concurrencies), max(2, int(seconds)))
+                result = wrk_run(
+                    f"http://{HOST}:{gateway.port}{path}",
+                    gateway.info["admin_key"],
+                    body,
+                    max(concurrencies),
+                    max(2, int(seconds)),
+                )
                 if result is not None:
                     out["runs"][f"wrk:{label}@{max(concurrencies)}"] = result
                     print(f"  workers={workers} wrk {label}: {result}", flush=True)
@@ -177,23 +208,40 @@ def latency_at_1(procs: ProcessGroup, upstream: Server, rounds: int, per_round: 
         run(run_load(gateway.port, target.chat, 1, 500, 5))
         run(run_load(gateway.port, target.models, 1, 500, 5))
         for _ in range(rounds):
-            cases = (("direct chat", upstream, direct), ("gateway chat", gateway, target.chat),
-                     ("gateway models", gateway, target.models))
+            cases = (
+                ("direct chat", upstream, direct),
+                ("gateway chat", gateway, target.chat),
+                ("gateway models", gateway, target.models),
+            )
             for label, server, raw in cases:
-                summary = run(measured(server, raw, 1, per_round, 10, warmup=5,
-                                       others=[upstream] if server is gateway else []))
+                summary = run(
+                    measured(
+                        server,
+                        raw,
+                        1,
+                        per_round,
+                        10,
+                        warmup=5,
+                        others=[upstream] if server is gateway else [],
+                    )
+                )
                 pooled[label] += summary["latencies_ms"]
                 cpu[label].append(summary[f"cpu_ms_per_req[{server.name}]"])
                 if label == "gateway chat":
                     cpu.setdefault("upstream during gateway chat", []).append(
-                        summary["cpu_ms_per_req[static-upstream]"])
+                        summary["cpu_ms_per_req[static-upstream]"]
+                    )
                 cpu.setdefault(f"client during {label}", []).append(summary["cpu_ms_per_req[client]"])
     finally:
         gateway.stop()
     stats = {
-        label: {"requests": len(values), "p50_ms": round(percentile(values, 50), 3),
-                "p90_ms": round(percentile(values, 90), 3), "p99_ms": round(percentile(values, 99), 3),
-                "mean_ms": round(sum(values) / len(values), 3)}
+        label: {
+            "requests": len(values),
+            "p50_ms": round(percentile(values, 50), 3),
+            "p90_ms": round(percentile(values, 90), 3),
+            "p99_ms": round(percentile(values, 99), 3),
+            "mean_ms": round(sum(values) / len(values), 3),
+        }
         for label, values in pooled.items()
     }
     cpu_ms = {label: round(sorted(v)[len(v) // 2], 3) for label, v in cpu.items()}
@@ -224,8 +272,12 @@ def main() -> None:
         two = throughput(procs, upstream, "rps-2w", 2, concurrencies, requests, seconds, use_wrk)
 
     stats, cpu, added = latency["stats"], latency["cpu_ms_per_request"], latency["added"]
-    best_rps = max(r["rps"] for cfg in (one, two) for k, r in cfg["runs"].items()
-                   if k.startswith("chat@") and r["errors"] == 0)
+    best_rps = max(
+        r["rps"]
+        for cfg in (one, two)
+        for k, r in cfg["runs"].items()
+        if k.startswith("chat@") and r["errors"] == 0
+    )
     goals = {
         "added_p50_ms<=1": added["p50_ms"] <= GOALS["added_p50_ms"],
         "added_p99_ms<=5": added["p99_ms"] <= GOALS["added_p99_ms"],
@@ -233,34 +285,83 @@ def main() -> None:
     }
     print()
     print("### Concurrency 1 (pooled over rounds)\n")
-    print(markdown_table(
-        ["request", "n", "p50 ms", "p90 ms", "p99 ms", "server CPU ms/req"],
-        [[label, s["requests"], s["p50_ms"], s["p90_ms"], s["p99_ms"], cpu[label]]
-         for label, s in stats.items()],
-    ))
-    print(f"\nAdded by the gateway (chat, c=1): p50 {added['p50_ms']} ms, p99 {added['p99_ms']} ms. "
-          f"Client CPU/req during gateway chat: {cpu['client during gateway chat']} ms; "
-          f"upstream CPU/req: {cpu['upstream during gateway chat']} ms.\n")
+    print(
+        markdown_table(
+            ["request", "n", "p50 ms", "p90 ms", "p99 ms", "server CPU ms/req"],
+            [
+                [label, s["requests"], s["p50_ms"], s["p90_ms"], s["p99_ms"], cpu[label]]
+                for label, s in stats.items()
+            ],
+        )
+    )
+    print(
+        f"\nAdded by the gateway (chat, c=1): p50 {added['p50_ms']} ms, p99 {added['p99_ms']} ms. "
+        f"Client CPU/req during gateway chat: {cpu['client during gateway chat']} ms; "
+        f"upstream CPU/req: {cpu['upstream during gateway chat']} ms.\n"
+    )
     print("### Throughput\n")
     rows = []
     for cfg in (one, two):
         for key, r in cfg["runs"].items():
             if key.startswith("wrk:"):
-                rows.append([cfg["workers"], key, r.get("connections"), r["rps"], r["p50_ms"], r["p99_ms"],
-                             "", "", r["non_2xx"]])
+                rows.append(
+                    [
+                        cfg["workers"],
+                        key,
+                        r.get("connections"),
+                        r["rps"],
+                        r["p50_ms"],
+                        r["p99_ms"],
+                        "",
+                        "",
+                        r["non_2xx"],
+                    ]
+                )
             else:
                 gw = next(v for k, v in r.items() if k.startswith("cpu_ms_per_req[rps"))
-                rows.append([cfg["workers"], key, r["concurrency"], r["rps"], r["p50_ms"], r["p99_ms"], gw,
-                             r["cpu_ms_per_req[client]"], r["errors"]])
-    print(markdown_table(["workers", "run", "conns", "req/s", "p50 ms", "p99 ms", "gateway CPU ms/req",
-                          "client CPU ms/req", "errors"], rows))
+                rows.append(
+                    [
+                        cfg["workers"],
+                        key,
+                        r["concurrency"],
+                        r["rps"],
+                        r["p50_ms"],
+                        r["p99_ms"],
+                        gw,
+                        r["cpu_ms_per_req[client]"],
+                        r["errors"],
+                    ]
+                )
+    print(
+        markdown_table(
+            [
+                "workers",
+                "run",
+                "conns",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "gateway CPU ms/req",
+                "client CPU ms/req",
+                "errors",
+            ],
+            rows,
+        )
+    )
     print(f"\nGoals: {goals}")
-    path = write_results("gateway_rps", {
-        "machine": machine(), "started": started, "duration_s": round(time.time() - started, 1),
-        "args": vars(args), "goals": GOALS, "goals_met": goals,
-        "concurrency_1": {"stats": stats, "cpu_ms_per_request": cpu, "added": added},
-        "throughput": {"workers_1": one, "workers_2": two},
-    })
+    path = write_results(
+        "gateway_rps",
+        {
+            "machine": machine(),
+            "started": started,
+            "duration_s": round(time.time() - started, 1),
+            "args": vars(args),
+            "goals": GOALS,
+            "goals_met": goals,
+            "concurrency_1": {"stats": stats, "cpu_ms_per_request": cpu, "added": added},
+            "throughput": {"workers_1": one, "workers_2": two},
+        },
+    )
     print(f"\nwrote {path}")
 
 

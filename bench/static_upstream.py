@@ -32,29 +32,50 @@ MAX_HEAD = 64 * 1024
 
 def _response(status: str, body: bytes, content_type: bytes = b"application/json") -> bytes:
     return (
-        b"HTTP/1.1 " + status.encode() + b"\r\ncontent-type: " + content_type
-        + b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\nconnection: keep-alive\r\n\r\n" + body
+        b"HTTP/1.1 "
+        + status.encode()
+        + b"\r\ncontent-type: "
+        + content_type
+        + b"\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\nconnection: keep-alive\r\n\r\n"
+        + body
     )
 
 
-_MODELS = _response("200 OK", orjson.dumps(
-    {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 1700000000, "owned_by": "bench"}]}
-))
-_COMPLETION = _response("200 OK", orjson.dumps({
-    "id": "chatcmpl-static",
-    "object": "chat.completion",
-    "created": 1700000000,
-    "model": MODEL,
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": CONTENT}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 12, "completion_tokens": 13, "total_tokens": 25},
-}))
+_MODELS = _response(
+    "200 OK",
+    orjson.dumps(
+        {
+            "object": "list",
+            "data": [{"id": MODEL, "object": "model", "created": 1700000000, "owned_by": "bench"}],
+        }
+    ),
+)
+_COMPLETION = _response(
+    "200 OK",
+    orjson.dumps(
+        {
+            "id": "chatcmpl-static",
+            "object": "chat.completion",
+            "created": 1700000000,
+            "model": MODEL,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": CONTENT}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 13, "total_tokens": 25},
+        }
+    ),
+)
 
 
 def _sse() -> bytes:
     base = {"id": "chatcmpl-static", "object": "chat.completion.chunk", "created": 1700000000, "model": MODEL}
     chunks = [
-        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                              "finish_reason": None}]},
+        {
+            **base,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+        },
         {**base, "choices": [{"index": 0, "delta": {"content": CONTENT}, "finish_reason": None}]},
         {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
         {**base, "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 13, "total_tokens": 25}},

@@ -65,8 +65,13 @@ class InProcess:
     def __init__(self, n_ctx: int, n_threads: int) -> None:
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(default_gguf_path()), n_ctx=n_ctx, n_threads=n_threads,
-                         n_threads_batch=n_threads, verbose=False)
+        self.llm = Llama(
+            model_path=str(default_gguf_path()),
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            verbose=False,
+        )
         self.template = str(self.llm.metadata.get("tokenizer.chat_template") or _CHATML)
 
     def once(self, max_tokens: int) -> dict[str, Any]:
@@ -149,15 +154,23 @@ def main() -> None:
     args = parser.parse_args()
     runs = max(1, min(args.runs, 50))
     started = time.time()
-    body = json.dumps({
-        "model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": args.max_tokens,
-        "temperature": 0, "seed": SEED, "stream": True, "stream_options": {"include_usage": True},
-    }).encode()
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "seed": SEED,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
     results: dict[str, list[dict[str, Any]]] = {"in-process": [], "api": []}
     with ProcessGroup() as procs:
         server = procs.start_soma("stream")
-        raw = build_request("POST", "/v1/chat/completions", body,
-                            {"authorization": f"Bearer {server.info['admin_key']}"})
+        raw = build_request(
+            "POST", "/v1/chat/completions", body, {"authorization": f"Bearer {server.info['admin_key']}"}
+        )
         print("loading the model in-process and in the server (warm-up) …", flush=True)
         local = InProcess(n_ctx=4096, n_threads=1)
         warm_local = local.once(args.max_tokens)
@@ -166,47 +179,73 @@ def main() -> None:
             results["in-process"].append(local.once(args.max_tokens))
             results["api"].append(run(api_once(server.port, raw)))
             a, b = results["in-process"][-1], results["api"][-1]
-            print(f"  run {i + 1}/{runs}: in-process {a['decode_tok_s']:.1f} tok/s "
-                  f"ttft {a['ttft_ms']:.1f} ms | api {b['decode_tok_s']:.1f} tok/s "
-                  f"ttft {b['ttft_ms']:.1f} ms ({b['tokens']} tokens)",
-                  flush=True)
+            print(
+                f"  run {i + 1}/{runs}: in-process {a['decode_tok_s']:.1f} tok/s "
+                f"ttft {a['ttft_ms']:.1f} ms | api {b['decode_tok_s']:.1f} tok/s "
+                f"ttft {b['ttft_ms']:.1f} ms ({b['tokens']} tokens)",
+                flush=True,
+            )
 
     same_text = all(r["text"] == warm_local["text"] for rs in results.values() for r in rs) and (
-        warm_api["text"] == warm_local["text"])
+        warm_api["text"] == warm_local["text"]
+    )
     summary: dict[str, dict[str, float]] = {}
     for name, rs in results.items():
-        summary[name] = {key: round(statistics.median(r[key] for r in rs), 2)
-                         for key in ("ttft_ms", "decode_tok_s", "e2e_tok_s", "tokens")}
+        summary[name] = {
+            key: round(statistics.median(r[key] for r in rs), 2)
+            for key in ("ttft_ms", "decode_tok_s", "e2e_tok_s", "tokens")
+        }
     ratio_decode = round(summary["api"]["decode_tok_s"] / summary["in-process"]["decode_tok_s"], 3)
     ratio_e2e = round(summary["api"]["e2e_tok_s"] / summary["in-process"]["e2e_tok_s"], 3)
     added_ttft = round(summary["api"]["ttft_ms"] - summary["in-process"]["ttft_ms"], 2)
     pairs = list(zip(results["in-process"], results["api"], strict=True))
     paired_ttft = round(statistics.median(b["ttft_ms"] - a["ttft_ms"] for a, b in pairs), 2)
     paired_ratio = round(statistics.median(b["decode_tok_s"] / a["decode_tok_s"] for a, b in pairs), 3)
-    goals = {"tok_s_ratio>=0.90": ratio_decode >= GOALS["tok_s_ratio"],
-             "added_ttft_ms<=10": added_ttft <= GOALS["added_ttft_ms"]}
+    goals = {
+        "tok_s_ratio>=0.90": ratio_decode >= GOALS["tok_s_ratio"],
+        "added_ttft_ms<=10": added_ttft <= GOALS["added_ttft_ms"],
+    }
     print()
-    print(markdown_table(
-        ["path", "runs", "tokens", "TTFT p50 ms", "decode tok/s p50", "end-to-end tok/s p50"],
-        [[name, len(results[name]), s["tokens"], s["ttft_ms"], s["decode_tok_s"], s["e2e_tok_s"]]
-         for name, s in summary.items()],
-    ))
-    print(f"\nAPI / in-process: decode tok/s x{ratio_decode}, end-to-end tok/s x{ratio_e2e}; "
-          f"added TTFT p50 {added_ttft} ms; paired medians: added TTFT {paired_ttft} ms, "
-          f"decode ratio x{paired_ratio}; identical text: {same_text}")
+    print(
+        markdown_table(
+            ["path", "runs", "tokens", "TTFT p50 ms", "decode tok/s p50", "end-to-end tok/s p50"],
+            [
+                [name, len(results[name]), s["tokens"], s["ttft_ms"], s["decode_tok_s"], s["e2e_tok_s"]]
+                for name, s in summary.items()
+            ],
+        )
+    )
+    print(
+        f"\nAPI / in-process: decode tok/s x{ratio_decode}, end-to-end tok/s x{ratio_e2e}; "
+        f"added TTFT p50 {added_ttft} ms; paired medians: added TTFT {paired_ttft} ms, "
+        f"decode ratio x{paired_ratio}; identical text: {same_text}"
+    )
     print(f"Goals: {goals}")
     for rs in results.values():
         for r in rs:
             r.pop("text")
-    path = write_results("stream_overhead", {
-        "machine": machine(), "started": started, "duration_s": round(time.time() - started, 1),
-        "args": {"runs": runs, "max_tokens": args.max_tokens}, "prompt": PROMPT, "seed": SEED,
-        "summary": summary, "ratio_decode_tok_s": ratio_decode, "ratio_e2e_tok_s": ratio_e2e,
-        "added_ttft_ms": added_ttft, "paired_added_ttft_ms": paired_ttft,
-        "paired_ratio_decode_tok_s": paired_ratio, "identical_text": same_text,
-        "goals": GOALS, "goals_met": goals,
-        "runs": results, "sample_text": warm_local["text"][:400],
-    })
+    path = write_results(
+        "stream_overhead",
+        {
+            "machine": machine(),
+            "started": started,
+            "duration_s": round(time.time() - started, 1),
+            "args": {"runs": runs, "max_tokens": args.max_tokens},
+            "prompt": PROMPT,
+            "seed": SEED,
+            "summary": summary,
+            "ratio_decode_tok_s": ratio_decode,
+            "ratio_e2e_tok_s": ratio_e2e,
+            "added_ttft_ms": added_ttft,
+            "paired_added_ttft_ms": paired_ttft,
+            "paired_ratio_decode_tok_s": paired_ratio,
+            "identical_text": same_text,
+            "goals": GOALS,
+            "goals_met": goals,
+            "runs": results,
+            "sample_text": warm_local["text"][:400],
+        },
+    )
     print(f"\nwrote {path}")
 
 
