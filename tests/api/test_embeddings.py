@@ -7,12 +7,11 @@ import math
 import struct
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
 from tests.conftest import TenantCtx
-from tests.support.contract import validate
+from tests.support.contract import error_of, validate
 
 EMBED = "all-minilm-l6-v2"
 CHAT = "smollm2-135m-instruct"
@@ -55,14 +54,6 @@ def norm(vector: list[float]) -> float:
 
 def cosine(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True)) / (norm(a) * norm(b))
-
-
-def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    validate(body, "ErrorResponse")
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    return dict(body["error"])
 
 
 def test_string_input_gives_one_normalized_vector(tenant: TenantCtx) -> None:

@@ -5,24 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
 from tests.conftest import DEAD_MODEL, RESTRICTED_MODEL, TenantCtx
-from tests.support.contract import validate
+from tests.support.contract import error_of, validate
 
 CHAT = "smollm2-135m-instruct"
 EMBED = "all-minilm-l6-v2"
 HELLO = [{"role": "user", "content": "Say hello."}]
-
-
-def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    validate(body, "ErrorResponse")
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    return dict(body["error"])
 
 
 def put_profile(tenant: TenantCtx, role: str, models: list[str]) -> dict[str, Any]:

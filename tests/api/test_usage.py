@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import TenantCtx
-from tests.support.contract import validate
+from tests.support.contract import error_of
 
 CHAT = "smollm2-135m-instruct"
 EMBED = "all-minilm-l6-v2"
@@ -46,13 +46,6 @@ def rows_by_model(tenant: TenantCtx, expected_requests: int, **params: str) -> d
     by_model = {row["model"]: row for row in rows}
     assert len(by_model) == len(rows), rows  # one row per (day, model), and all of today's
     return by_model
-
-
-def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    validate(body, "ErrorResponse")
-    return dict(body["error"])
 
 
 def test_a_fresh_tenant_has_no_usage(tenant: TenantCtx) -> None:

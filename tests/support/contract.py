@@ -10,6 +10,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import yaml
 
@@ -41,3 +42,12 @@ def validate(instance: Any, schema_name: str) -> None:
     """Raise `jsonschema.ValidationError` unless `instance` matches `components.schemas.<schema_name>`."""
     schema = {"$ref": f"#/components/schemas/{schema_name}", **_components()}
     jsonschema.Draft202012Validator(schema).validate(instance)
+
+
+def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
+    """Assert `response` is an OpenAI-shaped error with `status`; return its `error` object."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    validate(body, "ErrorResponse")
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return dict(body["error"])

@@ -52,10 +52,8 @@ class ModelCatalog:
         """The chat provider for `model_id`."""
         entry = self.get(principal, model_id)
         if entry.chat is None:
-            raise InvalidRequest(
-                f"{model_id!r} is an embedding model; use it with /v1/embeddings, or pick a chat model: "
-                + ", ".join(e.spec.id for e in self.visible(principal) if e.chat is not None),
-                param="model",
+            raise self._wrong_kind(
+                principal, model_id, "an embedding model; use it with /v1/embeddings", "chat"
             )
         return entry.chat
 
@@ -63,12 +61,16 @@ class ModelCatalog:
         """The embedding provider for `model_id`."""
         entry = self.get(principal, model_id)
         if entry.embedder is None:
-            raise InvalidRequest(
-                f"{model_id!r} is a chat model; embedding models: "
-                + ", ".join(e.spec.id for e in self.visible(principal) if e.embedder is not None),
-                param="model",
-            )
+            raise self._wrong_kind(principal, model_id, "a chat model", "embedding")
         return entry.embedder
+
+    def _wrong_kind(self, principal: Principal, model_id: str, what: str, wanted: str) -> InvalidRequest:
+        fitting = [
+            e.spec.id
+            for e in self.visible(principal)
+            if (e.chat if wanted == "chat" else e.embedder) is not None
+        ]
+        return InvalidRequest(f"{model_id!r} is {what}; {wanted} models: {', '.join(fitting)}", param="model")
 
     async def close(self) -> None:
         """Release every provider."""
