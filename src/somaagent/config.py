@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     embed_batch: int = 64
     max_completion_tokens_default: int = 256
 
+    # Memory.
+    memory_embedding_model: str = "all-minilm-l6-v2"
+    memory_duplicate_threshold: float = Field(default=0.95, ge=0, le=1)
+    memory_recency_weight: float = Field(default=0.1, ge=0, le=1)
+    memory_half_life_days: float = Field(default=30.0, gt=0)
+
     # HTTP edge.
     max_body_bytes: int = 4 * 1024 * 1024
     log_level: str = "INFO"

@@ -126,4 +126,4 @@ def test_chat_without_a_key_or_server_says_how_to_fix_it(server: SomaServer) -> 
 def test_migrate_reports_the_revision(server: SomaServer) -> None:
     run = server.soma("migrate")
     assert run.returncode == 0, run.stderr
-    assert "revision 0001" in run.stdout
+    assert "revision 0002" in run.stdout

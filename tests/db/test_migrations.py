@@ -22,8 +22,11 @@ TABLES = {
     "outbox",
     "usage_records",
     "model_profiles",
+    "memories",
+    "memory_namespaces",
     "alembic_version",
 }
+HEAD = "0002"
 
 
 @pytest.fixture
@@ -50,10 +53,10 @@ def _tables(url: str) -> set[str]:
 def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     migrate.upgrade(database_url)
     assert _tables(database_url) >= TABLES
-    assert migrate.current(database_url) == "0001"
+    assert migrate.current(database_url) == HEAD
     command.downgrade(migrate.alembic_config(database_url), "base")
     assert _tables(database_url) <= {"alembic_version"}
     migrate.upgrade(database_url)
     assert _tables(database_url) >= TABLES
     migrate.upgrade(database_url)  # idempotent
-    assert migrate.current(database_url) == "0001"
+    assert migrate.current(database_url) == HEAD

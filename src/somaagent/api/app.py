@@ -16,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from somaagent import __version__
 from somaagent.analytics.usage import UsageConsumer
 from somaagent.api import health, usage
+from somaagent.api import memory as memory_api
 from somaagent.api.admin import keys, profiles, tenants
 from somaagent.api.errors import install_error_handlers
 from somaagent.api.middleware import EdgeMiddleware
@@ -23,6 +24,7 @@ from somaagent.api.openai import chat, embeddings, models
 from somaagent.api.services import Services
 from somaagent.config import ModelSpec, Settings
 from somaagent.core.errors import UpstreamError
+from somaagent.core.principal import Principal
 from somaagent.db import migrate
 from somaagent.db.engine import create_engine, session_factory
 from somaagent.events.bus import InProcessBus
@@ -30,7 +32,11 @@ from somaagent.events.outbox import BufferedEmitter
 from somaagent.events.relay import OutboxRelay
 from somaagent.events.schemas import MODEL_USAGE
 from somaagent.identity.authenticator import KeyAuthenticator
+from somaagent.memory.indexes import SyncedIndexes, default_index
+from somaagent.memory.ranking import Ranking
+from somaagent.memory.service import MemoryService, MemorySettings
 from somaagent.models.catalog import CatalogEntry, ModelCatalog
+from somaagent.models.messages import Embeddings
 from somaagent.models.profiles import ProfileCache
 from somaagent.models.providers.llamacpp import LlamaCppChatModel, default_gguf_path
 from somaagent.models.providers.openai_compat import OpenAICompatibleChatModel, OpenAICompatibleEmbedder
@@ -133,6 +139,19 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     bus.subscribe(MODEL_USAGE, UsageConsumer(sessions))
     catalog, clients, checks = _build_catalog(settings, metrics)
     profile_cache = ProfileCache(sessions)
+    router = ModelRouter(catalog, profile_cache.models_for, metrics.observe_model)
+
+    async def embed_for_memory(principal: Principal, texts: list[str]) -> Embeddings:
+        return await router.embed(principal, settings.memory_embedding_model, texts)
+
+    memory = MemoryService(
+        embed_for_memory,
+        SyncedIndexes(default_index),
+        MemorySettings(
+            duplicate_threshold=settings.memory_duplicate_threshold,
+            ranking=Ranking(settings.memory_recency_weight, settings.memory_half_life_days),
+        ),
+    )
     services = Services(
         settings=settings,
         engine=engine,
@@ -146,12 +165,13 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
             settings.last_used_flush_s,
         ),
         catalog=catalog,
-        router=ModelRouter(catalog, profile_cache.models_for, metrics.observe_model),
+        router=router,
         bus=bus,
         relay=relay,
         emitter=emitter,
         metrics=metrics,
         profiles=profile_cache,
+        memory=memory,
         http_clients=clients,
         readiness=checks,
         started_at=int(time.time()),
@@ -184,7 +204,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     app.state.services = services
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
-    for module in (chat, embeddings, models, tenants, keys, profiles, usage, health):
+    for module in (chat, embeddings, models, tenants, keys, profiles, usage, memory_api, health):
         app.include_router(module.router)
     app.add_middleware(
         EdgeMiddleware,

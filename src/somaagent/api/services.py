@@ -12,6 +12,7 @@ from somaagent.events.bus import InProcessBus
 from somaagent.events.outbox import BufferedEmitter
 from somaagent.events.relay import OutboxRelay
 from somaagent.identity.authenticator import KeyAuthenticator
+from somaagent.memory.service import MemoryService
 from somaagent.models.catalog import ModelCatalog
 from somaagent.models.profiles import ProfileCache
 from somaagent.models.providers.upstream_http import UpstreamClient
@@ -35,6 +36,7 @@ class Services:
     emitter: BufferedEmitter
     metrics: Metrics
     profiles: ProfileCache
+    memory: MemoryService
     http_clients: list[UpstreamClient] = field(default_factory=list)
     readiness: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
     started_at: int = 0

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import somaagent.analytics.tables
 import somaagent.events.tables
 import somaagent.identity.tables
+import somaagent.memory.tables
 import somaagent.models.tables  # noqa: F401  (registers the tables on Base.metadata)
 from somaagent.db.base import Base
 
