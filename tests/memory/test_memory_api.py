@@ -12,6 +12,7 @@ import httpx
 
 from tests.conftest import TenantCtx
 from tests.support.contract import error_of
+from tests.support.processes import SomaServer
 
 FACTS = [
     "The office Wi-Fi password is changed on the first Monday of every month.",
@@ -171,3 +172,20 @@ def test_memory_embeddings_are_metered(tenant: TenantCtx) -> None:
     rows = tenant.http.get("/v1/usage").json()["data"]
     embedding = [r for r in rows if r["model"] == "all-minilm-l6-v2"]
     assert embedding and embedding[0]["requests"] == 2 and embedding[0]["prompt_tokens"] > 0
+
+
+def test_reindex_re_embeds_and_running_servers_keep_answering(server: SomaServer, tenant: TenantCtx) -> None:
+    made = [remember(tenant.http, fact, namespace="reindexed") for fact in FACTS[:4]]
+    unchanged = server.soma("memory", "reindex", "--tenant", tenant.name, "--namespace", "reindexed")
+    assert unchanged.returncode == 0, unchanged.stderr
+    assert "re-embedded 0 memories" in unchanged.stdout  # all made by the configured model already
+    forced = server.soma("memory", "reindex", "--tenant", tenant.name, "--namespace", "reindexed", "--all")
+    assert forced.returncode == 0, forced.stderr
+    assert "re-embedded 4 memories" in forced.stdout
+    # The server's index applies the new versions on its next search: still one entry per memory.
+    found = recall(tenant.http, "What is Alice allergic to?", namespace="reindexed", top_k=10)
+    assert [m["id"] for m in found].count(made[1]["id"]) == 1
+    assert found[0]["text"] == FACTS[1]
+    assert len(found) == 4
+    unknown = server.soma("memory", "reindex", "--tenant", "no-such-tenant")
+    assert unknown.returncode == 1 and "no tenant" in unknown.stderr

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from somaagent.cli import admin, chat_cmd, serve_cmd
+from somaagent.cli import admin, chat_cmd, memory_cmd, serve_cmd
 
 app = typer.Typer(
     name="soma",
@@ -22,6 +22,7 @@ app.command("chat")(chat_cmd.chat)
 app.add_typer(admin.tenants, name="tenants")
 app.add_typer(admin.keys, name="keys")
 app.add_typer(admin.models, name="models")
+app.add_typer(memory_cmd.memory, name="memory")
 
 
 @app.callback()

@@ -97,7 +97,7 @@ class MemoryService:
         duplicate = None
         if hits and hits[0].score >= self._settings.duplicate_threshold:
             duplicate = await self._live_by_key(session, principal.tenant_id, namespace, hits[0].id, now)
-        version = await _bump_version(session, principal.tenant_id, namespace)
+        version = await bump_version(session, principal.tenant_id, namespace)
         if duplicate is not None:
             # Newer wording wins; metadata keys are merged, the new value winning on conflict.
             duplicate.text = text
@@ -204,7 +204,7 @@ class MemoryService:
     async def delete(self, session: AsyncSession, principal: Principal, memory_id: str) -> MemoryItem:
         """Forget one memory (every index drops it on its next sync)."""
         item = await self.get(session, principal, memory_id)
-        item.version = await _bump_version(session, principal.tenant_id, item.namespace)
+        item.version = await bump_version(session, principal.tenant_id, item.namespace)
         item.deleted_at = utcnow()
         await session.flush()
         return item
@@ -223,7 +223,7 @@ class MemoryService:
         return item if item is not None and _alive(item, now) else None
 
 
-async def _bump_version(session: AsyncSession, tenant_id: str, namespace: str) -> int:
+async def bump_version(session: AsyncSession, tenant_id: str, namespace: str) -> int:
     """The namespace's next change version. The UPDATE takes the row's lock until commit, so
     concurrent writers of one namespace commit their versions in order."""
     bump = (
