@@ -73,6 +73,8 @@ class Settings(BaseSettings):
 
     # Memory.
     memory_embedding_model: str = "all-minilm-l6-v2"
+    # usearch cannot share a process with llama.cpp (see memory/index.py): exact unless no local model.
+    memory_index: Literal["exact", "usearch"] = "exact"
     memory_duplicate_threshold: float = Field(default=0.95, ge=0, le=1)
     memory_recency_weight: float = Field(default=0.1, ge=0, le=1)
     memory_half_life_days: float = Field(default=30.0, gt=0)

@@ -125,3 +125,17 @@ def test_dimension_mismatch_is_a_clear_error(make: type[UsearchIndex] | type[Exa
         index.upsert([3], np.zeros((1, DIM), dtype=np.float32))
     with pytest.raises(InvalidRequest, match="2\\*\\*63"):
         index.upsert([-1], np.ones((1, DIM), dtype=np.float32))
+
+
+def test_the_server_never_imports_usearch_and_refuses_it_beside_llama_cpp(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from somaagent.api.app import create_app
+    from somaagent.config import Settings
+
+    probe = "import sys, somaagent.api.app, somaagent.memory.indexes; print('usearch' in sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"
+    with pytest.raises(ValueError, match=r"cannot run beside the local llama\.cpp model"):
+        create_app(Settings(data_dir=tmp_path, memory_index="usearch"))

@@ -189,3 +189,13 @@ def test_reindex_re_embeds_and_running_servers_keep_answering(server: SomaServer
     assert len(found) == 4
     unknown = server.soma("memory", "reindex", "--tenant", "no-such-tenant")
     assert unknown.returncode == 1 and "no tenant" in unknown.stderr
+
+
+def test_memory_and_the_local_chat_model_share_a_process(tenant: TenantCtx) -> None:
+    # Regression: a vector engine that brings its own C++ runtime broke llama.cpp's model loading.
+    remember(tenant.http, "The chat model must still load after memory was used.")
+    assert recall(tenant.http, "chat model load")
+    completion = tenant.oai.chat.completions.create(
+        model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    assert completion.choices[0].message.content is not None

@@ -32,7 +32,8 @@ from somaagent.events.outbox import BufferedEmitter
 from somaagent.events.relay import OutboxRelay
 from somaagent.events.schemas import MODEL_USAGE
 from somaagent.identity.authenticator import KeyAuthenticator
-from somaagent.memory.indexes import SyncedIndexes, default_index
+from somaagent.memory.index import ExactIndex, UsearchIndex
+from somaagent.memory.indexes import IndexFactory, SyncedIndexes
 from somaagent.memory.ranking import Ranking
 from somaagent.memory.service import MemoryService, MemorySettings
 from somaagent.models.catalog import CatalogEntry, ModelCatalog
@@ -98,6 +99,19 @@ def _build_catalog(
     return ModelCatalog(entries), clients, checks
 
 
+def _index_factory(settings: Settings) -> IndexFactory:
+    if settings.memory_index == "exact":
+        return ExactIndex
+    local = [spec.id for spec in settings.catalog if spec.provider == "llamacpp"]
+    if local:
+        raise ValueError(
+            f"SOMA_MEMORY_INDEX=usearch cannot run beside the local llama.cpp model(s) {local}: usearch's "
+            "bundled C++ runtime stops llama.cpp from loading models in the same process. Use "
+            "SOMA_MEMORY_INDEX=exact, or serve chat models from an upstream (SOMA_MODELS without llamacpp)."
+        )
+    return UsearchIndex
+
+
 def _path(spec: ModelSpec) -> Path | None:
     return Path(spec.path) if spec.path else None
 
@@ -146,7 +160,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
 
     memory = MemoryService(
         embed_for_memory,
-        SyncedIndexes(default_index),
+        SyncedIndexes(_index_factory(settings)),
         MemorySettings(
             duplicate_threshold=settings.memory_duplicate_threshold,
             ranking=Ranking(settings.memory_recency_weight, settings.memory_half_life_days),

@@ -62,6 +62,15 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def internal_error_body(request_id: str | None) -> dict[str, Any]:
+    """The body of a 500: no detail beyond the request id to quote when reporting it."""
+    return error_body(
+        f"The server had an error while processing your request (request id {request_id}).",
+        "server_error",
+        "internal_error",
+    )
+
+
 def status_for(exc: SomaError) -> tuple[int, str]:
     """(HTTP status, OpenAI error type) for a domain error."""
     for cls in type(exc).__mro__:
@@ -182,15 +191,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return _json(exc.status_code, error_body(message, type_, None), dict(exc.headers or {}))
 
     async def on_unexpected(_request: Request, exc: Exception) -> Response:
+        # Only reached if the edge middleware could not answer (it normally does, with the request id).
         log.error("unhandled error", exc_info=exc)
-        return _json(
-            500,
-            error_body(
-                f"The server had an error while processing your request (request id {current_request_id()}).",
-                "server_error",
-                "internal_error",
-            ),
-        )
+        return _json(500, internal_error_body(current_request_id()))
 
     app.add_exception_handler(SomaError, on_soma_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

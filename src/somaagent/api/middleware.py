@@ -11,13 +11,14 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from somaagent.api.errors import error_body
+from somaagent.api.errors import error_body, internal_error_body
 from somaagent.core.errors import PayloadTooLarge
 from somaagent.core.ids import new_request_id
 from somaagent.observability.context import reset_request_id, set_request_id
 from somaagent.observability.metrics import Metrics
 
 access_log = logging.getLogger("somaagent.access")
+log = logging.getLogger("somaagent.api")
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -44,7 +45,7 @@ class EdgeMiddleware:
         try:
             if declared is not None and declared > self.max_body:
                 status = 413
-                await _too_large(send, header_id, self.max_body)
+                await _send_json(send, header_id, 413, _too_large_body(self.max_body), close=True)
                 return
 
             async def send_with_id(message: Message) -> None:
@@ -55,7 +56,23 @@ class EdgeMiddleware:
                     message["headers"] = [*message["headers"], (b"x-request-id", header_id)]
                 await send(message)
 
-            await self.app(scope, self._capped(receive), send_with_id)
+            started_response = False
+
+            async def tracking_send(message: Message) -> None:
+                nonlocal started_response
+                started_response = started_response or message["type"] == "http.response.start"
+                await send_with_id(message)
+
+            try:
+                await self.app(scope, self._capped(receive), tracking_send)
+            except Exception:
+                # Answered here rather than by Starlette's outermost handler, so the 500 carries the
+                # request id (in its body and header) that the log line below is filed under.
+                log.exception("unhandled error")
+                if started_response:
+                    raise
+                status = 500
+                await _send_json(send, header_id, 500, internal_error_body(request_id))
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
@@ -120,23 +137,24 @@ def _read_headers(scope: Scope) -> tuple[str, int | None]:
     return request_id or new_request_id(), length
 
 
-async def _too_large(send: Send, request_id: bytes, limit: int) -> None:
-    body: Any = error_body(
+def _too_large_body(limit: int) -> dict[str, Any]:
+    return error_body(
         f"request body is larger than the {limit} byte limit (SOMA_MAX_BODY_BYTES)",
         "invalid_request_error",
         "request_too_large",
     )
+
+
+async def _send_json(
+    send: Send, request_id: bytes, status: int, body: dict[str, Any], close: bool = False
+) -> None:
     payload = orjson.dumps(body)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-                (b"x-request-id", request_id),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"x-request-id", request_id),
+    ]
+    if close:  # the rest of an oversized body is not read: the connection cannot be reused
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

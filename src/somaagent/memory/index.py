@@ -1,12 +1,15 @@
-"""Vector index port and its embedded adapters: usearch HNSW (default) and exact numpy search.
+"""Vector index port and its embedded adapters: exact numpy search (the server's default) and usearch HNSW.
 
 Owns: the `VectorIndex` protocol, `UsearchIndex`, `ExactIndex` and rebuilding an index from its source
 rows (`memory/indexes.py` keeps one per (tenant, namespace) in step with the database).
 May import numpy, usearch, core.errors. Never touches the DB or the embedder: callers pass keys and
 vectors in, which is what lets `soma memory reindex` rebuild any index from the DB.
 
-Chosen by measurement (bench/VECTOR_INDEX.md): usearch answers k=10 at 100k vectors in well under a
-millisecond with recall@10 >= 0.95 of exact search; exact search is the reference and the fallback.
+Measured in bench/VECTOR_INDEX.md: usearch answers k=10 at 100k vectors in under a millisecond with
+recall@10 >= 0.95. But its extension links its own copy of libstdc++ statically, and once it is loaded,
+llama.cpp can no longer load a model in that process (vocabulary loading fails with std::bad_cast).
+So usearch is imported only when a `UsearchIndex` is made, and the app factory refuses it next to a
+local llama.cpp model; exact search is the default.
 """
 
 from __future__ import annotations
@@ -15,11 +18,10 @@ import os
 import threading
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol, TypeAlias
+from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
-from usearch.index import Index
 
 from somaagent.core.errors import InvalidRequest
 
@@ -242,9 +244,11 @@ class UsearchIndex:
         connectivity: int = 16,
         expansion_add: int = 128,
         expansion_search: int = 128,
-        _index: Index | None = None,
+        _index: Any = None,
     ) -> None:
         """An empty index for `dimensions`-long vectors (or a wrapper around a restored one)."""
+        from usearch.index import Index  # lazily: see the module docstring
+
         self._dimensions = dimensions
         self._index = _index or Index(
             ndim=dimensions,
@@ -333,6 +337,8 @@ class UsearchIndex:
         """Read an index written by `save`; raise InvalidRequest if it is unreadable or other-sized."""
         try:
             # expansion_search is a query-time knob that the file does not carry.
+            from usearch.index import Index
+
             index = Index.restore(str(path), expansion_search=expansion_search)
         except (ValueError, RuntimeError) as exc:
             raise InvalidRequest(

@@ -15,15 +15,10 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from somaagent.memory.index import Hit, UsearchIndex, VectorIndex
+from somaagent.memory.index import Hit, VectorIndex
 from somaagent.memory.tables import MemoryItem
 
 IndexFactory = Callable[[int], VectorIndex]
-
-
-def default_index(dimensions: int) -> VectorIndex:
-    """The embedded index chosen in bench/VECTOR_INDEX.md: usearch HNSW."""
-    return UsearchIndex(dimensions)
 
 
 class _Entry:
