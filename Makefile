@@ -48,6 +48,7 @@ bench: install
 	$(BIN)/python bench/gateway_rps.py
 	$(BIN)/python bench/sandbox_cold_start.py
 	$(BIN)/python bench/vector_index.py
+	$(BIN)/python bench/memory_recall.py
 
 lock:
 	# Model packages are installed with --no-deps; bench-only packages live in bench/requirements.txt.
