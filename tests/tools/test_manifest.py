@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from somaagent.core.canonical_json import NotCanonicalJson, canonicalize
 from somaagent.core.errors import Forbidden, InvalidRequest
 from somaagent.tools.manifest import (
     InvalidArguments,
@@ -23,7 +24,6 @@ from somaagent.tools.manifest import (
     ManifestRejected,
     SignedManifest,
     canonical_json,
-    canonicalize,
     digest,
     key_id,
     new_signing_key,
@@ -115,7 +115,7 @@ def test_canonicalize_follows_rfc8785_numbers_strings_and_key_order() -> None:
     # UTF-16 code-unit order: U+1F600 (surrogate D83D) sorts before U+FB01, unlike code-point order.
     assert canonicalize({"\ufb01": 1, "\U0001f600": 2}) == '{"\U0001f600":2,"\ufb01":1}'.encode()
     for bad in (float("nan"), float("inf"), 2**53, {1: "x"}, {"s": {1, 2}}, "\ud800"):
-        with pytest.raises(InvalidManifest):
+        with pytest.raises(NotCanonicalJson):
             canonicalize(bad)
 
 

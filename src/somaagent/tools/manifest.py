@@ -4,10 +4,10 @@ Owns: `Manifest`, `SignedManifest`, `canonical_json`, `digest`, `sign_manifest`,
 `validate_arguments`, Ed25519 key helpers, and the errors they raise.
 May import: core. Never: db, models, api — trust is decided from bytes and keys alone.
 
-A manifest is signed over its canonical JSON (see `canonicalize`), so any change after signing — a
-word of the description, a schema keyword, the version — changes the bytes and is refused. Structure
-is checked too (name pattern, side-effect class, a valid self-contained Draft 2020-12 schema), but
-only after the signature is known good, so untrusted schemas are never even compiled.
+A manifest is signed over its canonical JSON (RFC 8785, `core.canonical_json`), so any change after
+signing — a word of the description, a schema keyword, the version — changes the bytes and is refused.
+Structure is checked too (name pattern, side-effect class, a valid self-contained Draft 2020-12
+schema), but only after the signature is known good, so untrusted schemas are never even compiled.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import binascii
 import hashlib
 import hmac
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from somaagent.core.canonical_json import canonicalize
 from somaagent.core.errors import Forbidden, InvalidRequest
 
 SideEffect = Literal["read", "write", "external"]
@@ -45,7 +45,6 @@ _MANIFEST_FIELDS = frozenset({"name", "description", "parameters", "version", "s
 _REQUIRED_FIELDS = _MANIFEST_FIELDS - {"publisher"}
 # I-JSON (RFC 7493): integers beyond 2**53 do not survive a round trip through other JSON parsers,
 # so two implementations could canonicalize them differently.
-_MAX_SAFE_INT = 2**53 - 1
 KEY_ID_HEX_CHARS = 16
 # No resources at all: a `$ref` that is not local to the schema fails instead of being fetched.
 _NO_REMOTE_REFS: referencing.Registry[Any] = referencing.Registry()
@@ -142,26 +141,7 @@ class SignedManifest:
         }
 
 
-# --- canonical JSON -------------------------------------------------------------------------------
-
-
-def canonicalize(value: Any) -> bytes:
-    """Canonical JSON bytes of a JSON value (RFC 8785 JCS rules, I-JSON integers); see below.
-
-    Exactly this is done: objects have their members sorted by key, compared as UTF-16 code units
-    (RFC 8785 §3.2.3; differs from code-point order only above U+FFFF); there is no whitespace
-    between tokens; strings are written as UTF-8 with only `"`, `\\` and U+0000..U+001F escaped
-    (`\\b \\t \\n \\f \\r` short forms, other controls as lowercase `\\u00xx`); `true`/`false`/`null`
-    literally; integers in decimal (refused beyond ±(2**53-1), as I-JSON requires); other floats in
-    ECMAScript `Number.prototype.toString` form (shortest round-trip digits, `1e+21`, `1e-7`, `-0` as
-    `0`); NaN and infinities, non-string keys, lone surrogates and non-JSON types are refused.
-    """
-    parts: list[str] = []
-    _write(value, parts, "$")
-    try:
-        return "".join(parts).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidManifest(f"manifest text is not valid Unicode (lone surrogate?): {exc.reason}") from exc
+# --- canonical bytes and digest -----------------------------------------------------------------
 
 
 def canonical_json(manifest: Manifest) -> bytes:
@@ -172,76 +152,6 @@ def canonical_json(manifest: Manifest) -> bytes:
 def digest(manifest: Manifest) -> str:
     """SHA-256 hex digest of the manifest's canonical JSON."""
     return hashlib.sha256(canonical_json(manifest)).hexdigest()
-
-
-def _write(value: Any, out: list[str], path: str) -> None:
-    # bool before int: True is an int to Python but a literal to JSON.
-    if value is None:
-        out.append("null")
-    elif value is True:
-        out.append("true")
-    elif value is False:
-        out.append("false")
-    elif isinstance(value, int):
-        if abs(value) > _MAX_SAFE_INT:
-            raise InvalidManifest(f"integer at {path} is beyond ±(2**53-1), not portable JSON", param=path)
-        out.append(str(value))
-    elif isinstance(value, float):
-        out.append(_es_number(value, path))
-    elif isinstance(value, str):
-        out.append(json.dumps(value, ensure_ascii=False))
-    elif isinstance(value, Mapping):
-        for key in value:
-            if not isinstance(key, str):
-                raise InvalidManifest(f"object key {key!r} at {path} is not a string", param=path)
-        out.append("{")
-        for i, key in enumerate(sorted(value, key=lambda k: k.encode("utf-16-be", "surrogatepass"))):
-            if i:
-                out.append(",")
-            out.append(json.dumps(key, ensure_ascii=False))
-            out.append(":")
-            _write(value[key], out, f"{path}.{key}")
-        out.append("}")
-    elif isinstance(value, list | tuple):
-        out.append("[")
-        for i, item in enumerate(value):
-            if i:
-                out.append(",")
-            _write(item, out, f"{path}[{i}]")
-        out.append("]")
-    else:
-        raise InvalidManifest(f"value at {path} is a {type(value).__name__}, not JSON", param=path)
-
-
-def _es_number(value: float, path: str) -> str:
-    """A finite float as ECMAScript's Number.prototype.toString writes it (what RFC 8785 requires)."""
-    if not math.isfinite(value):
-        raise InvalidManifest(f"number at {path} is {value}; JSON has no NaN or infinity", param=path)
-    if value == 0:
-        return "0"
-    sign = "-" if value < 0 else ""
-    # repr gives the shortest digits that round-trip, the same digits ECMAScript picks.
-    mantissa, _, exp_text = repr(abs(value)).partition("e")
-    int_part, _, frac_part = mantissa.partition(".")
-    all_digits = int_part + frac_part
-    digits = all_digits.lstrip("0").rstrip("0")
-    trailing_zeros = len(all_digits.lstrip("0")) - len(digits)
-    # value = int(digits) * 10**scale; ECMAScript's n is where the decimal point sits after the digits.
-    scale = int(exp_text or 0) - len(frac_part) + trailing_zeros
-    k = len(digits)
-    n = scale + k
-    if k <= n <= 21:
-        text = digits + "0" * (n - k)
-    elif 0 < n <= 21:
-        text = f"{digits[:n]}.{digits[n:]}"
-    elif -6 < n <= 0:
-        text = "0." + "0" * (-n) + digits
-    else:
-        exponent = n - 1
-        exp_sign = "+" if exponent >= 0 else "-"
-        head = digits if k == 1 else f"{digits[0]}.{digits[1:]}"
-        text = f"{head}e{exp_sign}{abs(exponent)}"
-    return sign + text
 
 
 # --- structure ------------------------------------------------------------------------------------
