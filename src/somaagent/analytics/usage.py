@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from datetime import date
 
 from sqlalchemy import case, func, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.analytics.tables import UsageRecord
+from somaagent.db.statements import insert_skipping_duplicates
 from somaagent.events.schemas import Event
 
 
@@ -42,11 +41,7 @@ class UsageConsumer:
         if not rows:
             return
         async with self._sessions() as session, session.begin():
-            dialect = session.get_bind().dialect.name
-            insert = pg_insert if dialect == "postgresql" else sqlite_insert
-            await session.execute(
-                insert(UsageRecord).on_conflict_do_nothing(index_elements=["event_id"]), rows
-            )
+            await session.execute(insert_skipping_duplicates(session, UsageRecord, ["event_id"]), rows)
 
 
 @dataclass(frozen=True, slots=True)

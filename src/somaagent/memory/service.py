@@ -21,6 +21,7 @@ from somaagent.core.clock import utcnow
 from somaagent.core.errors import InvalidRequest, NotFound
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
+from somaagent.db.statements import insert_skipping_duplicates
 from somaagent.memory.indexes import SyncedIndexes
 from somaagent.memory.ranking import Ranking
 from somaagent.memory.tables import MemoryItem, MemoryNamespace
@@ -234,15 +235,10 @@ async def bump_version(session: AsyncSession, tenant_id: str, namespace: str) ->
     )
     version = (await session.execute(bump)).scalar()
     if version is None:
-        dialect = session.get_bind().dialect.name
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as upsert
-        else:
-            from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
         await session.execute(
-            upsert(MemoryNamespace)
-            .values(tenant_id=tenant_id, namespace=namespace, version=0)
-            .on_conflict_do_nothing()
+            insert_skipping_duplicates(session, MemoryNamespace).values(
+                tenant_id=tenant_id, namespace=namespace, version=0
+            )
         )
         version = (await session.execute(bump)).scalar_one()
     return int(version)
