@@ -51,9 +51,10 @@ from somaagent.observability.metrics import Metrics
 Check = Callable[[], Awaitable[None]]
 
 
-def _build_catalog(
+def build_catalog(
     settings: Settings, metrics: Metrics
 ) -> tuple[ModelCatalog, list[UpstreamClient], list[tuple[str, Check]]]:
+    """The models from settings with their providers, the upstream clients to close, readiness checks."""
     entries: list[CatalogEntry] = []
     clients: list[UpstreamClient] = []
     checks: list[tuple[str, Check]] = []
@@ -151,7 +152,8 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     relay = OutboxRelay(sessions, bus)
     emitter = BufferedEmitter(sessions, settings.outbox_flush_ms, on_flushed=relay.deliver)
     bus.subscribe(MODEL_USAGE, UsageConsumer(sessions))
-    catalog, clients, checks = _build_catalog(settings, metrics)
+    catalog, clients, checks = build_catalog(settings, metrics)
+    secret = settings.resolved_secret_key()
     profile_cache = ProfileCache(sessions)
     router = ModelRouter(catalog, profile_cache.models_for, metrics.observe_model)
 
@@ -170,10 +172,10 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         settings=settings,
         engine=engine,
         sessions=sessions,
-        secret=settings.resolved_secret_key(),
+        secret=secret,
         authenticator=KeyAuthenticator(
             sessions,
-            settings.resolved_secret_key(),
+            secret,
             settings.key_cache_ttl_s,
             settings.revocation_poll_s,
             settings.last_used_flush_s,

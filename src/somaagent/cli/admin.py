@@ -114,13 +114,13 @@ def profile_set(
     model_ids: Annotated[list[str], typer.Argument(help="Models in fallback order.")],
 ) -> None:
     """Set a tenant's model profile; clients then send model="profile:ROLE"."""
-    from somaagent.api.app import _build_catalog
+    from somaagent.api.app import build_catalog
     from somaagent.core.principal import Principal
     from somaagent.models.profiles import set_profile
     from somaagent.observability.metrics import Metrics
 
     settings = Settings()
-    catalog, _clients, _checks = _build_catalog(settings, Metrics())
+    catalog, _clients, _checks = build_catalog(settings, Metrics())
 
     async def work(session: AsyncSession) -> list[str]:
         found = await service.get_tenant(session, None, tenant)

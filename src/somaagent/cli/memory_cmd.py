@@ -25,7 +25,7 @@ def reindex(
 ) -> None:
     """Re-embed memories with SOMA_MEMORY_EMBEDDING_MODEL; running servers pick the vectors up on their
     next recall (their indexes are rebuilt from the database)."""
-    from somaagent.api.app import _build_catalog
+    from somaagent.api.app import build_catalog
     from somaagent.db.engine import create_engine, session_factory
     from somaagent.identity.service import get_tenant
     from somaagent.memory.reembed import reembed_memories
@@ -33,7 +33,7 @@ def reindex(
 
     settings = Settings()
     migrate.upgrade(settings.resolved_database_url)
-    catalog, clients, _checks = _build_catalog(settings, Metrics())
+    catalog, clients, _checks = build_catalog(settings, Metrics())
     operator = Principal("cli", "cli", "cli", None, is_admin=True)
 
     async def run() -> int:

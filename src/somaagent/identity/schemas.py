@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Generic, Literal, TypeVar
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,11 +63,3 @@ class KeyOut(BaseModel):
 
 class KeyCreated(KeyOut):
     key: str = Field(description="The secret key. Shown once: store it now.")
-
-
-T = TypeVar("T")
-
-
-class ListOut(BaseModel, Generic[T]):
-    object: Literal["list"] = "list"
-    data: list[T]

@@ -6,8 +6,9 @@ from fastapi import APIRouter
 
 from somaagent.api.deps import AdminDep, PrincipalDep, ServicesDep, SessionDep
 from somaagent.api.openai.docs import error_responses
+from somaagent.core.pagination import ListOut
 from somaagent.identity import service
-from somaagent.identity.schemas import KeyCreate, KeyCreated, KeyOut, ListOut
+from somaagent.identity.schemas import KeyCreate, KeyCreated, KeyOut
 
 router = APIRouter(prefix="/v1/keys", tags=["API keys"])
 

@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from somaagent.api.deps import PrincipalDep, ServicesDep, SessionDep
 from somaagent.api.openai.docs import error_responses
-from somaagent.identity.schemas import ListOut
+from somaagent.core.pagination import ListOut
 from somaagent.identity.service import get_tenant
 from somaagent.models import profiles
 from somaagent.models.schemas import ProfileOut, ProfileSet

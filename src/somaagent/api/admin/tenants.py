@@ -6,8 +6,9 @@ from fastapi import APIRouter
 
 from somaagent.api.deps import AdminDep, PrincipalDep, SessionDep
 from somaagent.api.openai.docs import error_responses
+from somaagent.core.pagination import ListOut
 from somaagent.identity import service
-from somaagent.identity.schemas import ListOut, TenantCreate, TenantOut
+from somaagent.identity.schemas import TenantCreate, TenantOut
 
 router = APIRouter(prefix="/v1/tenants", tags=["Tenants"])
 
