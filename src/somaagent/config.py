@@ -78,6 +78,35 @@ class Settings(BaseSettings):
     memory_duplicate_threshold: float = Field(default=0.95, ge=0, le=1)
     memory_recency_weight: float = Field(default=0.1, ge=0, le=1)
     memory_half_life_days: float = Field(default=30.0, gt=0)
+    # Document ingest: chunks fit all-MiniLM-L6-v2's 256-token window with [CLS]/[SEP] (memory/chunking.py).
+    memory_chunk_tokens: int = Field(
+        default=200, ge=32, le=254, description="Tokens per document chunk at most."
+    )
+    memory_chunk_overlap_tokens: int = Field(
+        default=40, ge=0, le=120, description="Tokens consecutive chunks of a section share at most."
+    )
+    memory_document_max_bytes: int = Field(
+        default=2 * 1024 * 1024, ge=1, description="Largest document accepted (bytes, before extraction)."
+    )
+    memory_document_batch: int = Field(default=32, ge=1, le=256, description="Chunks per embedding call.")
+    memory_document_lease_s: float = Field(
+        default=30.0, gt=0, description="A document whose worker stopped renewing for this long is resumed."
+    )
+    memory_document_poll_s: float = Field(
+        default=1.0, gt=0, description="How often workers look for documents."
+    )
+
+    # Agents.
+    agent_default_model: str = Field(
+        default="smollm2-135m-instruct", description="Model of runs whose persona and session name none."
+    )
+    agent_history_chars: int = Field(
+        default=6_000, ge=100, description="History a run puts in the prompt at most (oldest trimmed first)."
+    )
+    agent_heartbeat_s: float = Field(default=1.0, gt=0, description="How often live runs are marked alive.")
+    agent_run_stale_s: float = Field(
+        default=30.0, gt=0, description="A running run not marked alive for this long died with its process."
+    )
 
     # HTTP edge.
     max_body_bytes: int = 4 * 1024 * 1024

@@ -14,11 +14,16 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from somaagent import __version__
+from somaagent.agents.event_log import LiveStreams
+from somaagent.agents.loop import AgentDeps
+from somaagent.agents.runs import RunEngine, RunSettings
 from somaagent.analytics.usage import UsageConsumer
-from somaagent.api import health, usage
+from somaagent.api import health, personas, tools, usage
 from somaagent.api import memory as memory_api
+from somaagent.api import sessions as sessions_api
 from somaagent.api.admin import keys, profiles, tenants
 from somaagent.api.errors import install_error_handlers
+from somaagent.api.metering import record_model_call
 from somaagent.api.middleware import EdgeMiddleware
 from somaagent.api.openai import chat, embeddings, models
 from somaagent.api.services import Services
@@ -35,9 +40,9 @@ from somaagent.identity.authenticator import KeyAuthenticator
 from somaagent.memory.index import ExactIndex, UsearchIndex
 from somaagent.memory.indexes import IndexFactory, SyncedIndexes
 from somaagent.memory.ranking import Ranking
-from somaagent.memory.service import MemoryService, MemorySettings
+from somaagent.memory.service import DEFAULT_NAMESPACE, MemoryService, MemorySettings
 from somaagent.models.catalog import CatalogEntry, ModelCatalog
-from somaagent.models.messages import Embeddings
+from somaagent.models.messages import Embeddings, Usage
 from somaagent.models.profiles import ProfileCache
 from somaagent.models.providers.llamacpp import LlamaCppChatModel, default_gguf_path
 from somaagent.models.providers.openai_compat import OpenAICompatibleChatModel, OpenAICompatibleEmbedder
@@ -47,6 +52,9 @@ from somaagent.models.router import ModelRouter
 from somaagent.models.slots import ModelSlots
 from somaagent.observability.logs import configure_logging
 from somaagent.observability.metrics import Metrics
+from somaagent.tools.builtins import builtin_tools, signing_key_from_secret
+from somaagent.tools.manifest import trusted_keys_from
+from somaagent.tools.registry import ToolContext, ToolRegistry
 
 Check = Callable[[], Awaitable[None]]
 
@@ -168,6 +176,51 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
             ranking=Ranking(settings.memory_recency_weight, settings.memory_half_life_days),
         ),
     )
+    signing_key = signing_key_from_secret(secret)
+    tool_registry = ToolRegistry(trusted_keys_from(signing_key.public_key()))
+
+    async def search_memory(context: ToolContext, query: str, top_k: int) -> list[tuple[str, str, float]]:
+        async with sessions() as session:
+            found, _tokens = await memory.recall(
+                session, context.principal, query, top_k, DEFAULT_NAMESPACE, {}, None
+            )
+        return [(r.item.id, r.item.text, r.score) for r in found]
+
+    for tool in builtin_tools(signing_key, search_memory):
+        tool_registry.register(tool)
+
+    def meter_agent_call(
+        principal: Principal,
+        request_id: str,
+        model: str,
+        kind: str,
+        usage: Usage | None,
+        seconds: float,
+        status: str,
+    ) -> None:
+        # `services` is bound below, before any run can start.
+        record_model_call(services, principal, request_id, model, kind, usage, seconds, status)
+
+    streams = LiveStreams()
+    agent_deps = AgentDeps(
+        router=router,
+        memory=memory,
+        tools=tool_registry,
+        meter=meter_agent_call,
+        embedding_model=settings.memory_embedding_model,
+    )
+    agents = RunEngine(
+        sessions,
+        streams,
+        agent_deps,
+        RunSettings(
+            default_model=settings.agent_default_model,
+            history_chars=settings.agent_history_chars,
+            heartbeat_s=settings.agent_heartbeat_s,
+            stale_s=settings.agent_run_stale_s,
+        ),
+        on_outbox=relay.poke,
+    )
     services = Services(
         settings=settings,
         engine=engine,
@@ -188,6 +241,8 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         metrics=metrics,
         profiles=profile_cache,
         memory=memory,
+        tools=tool_registry,
+        agents=agents,
         http_clients=clients,
         readiness=checks,
         started_at=int(time.time()),
@@ -200,9 +255,11 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         services.authenticator.start()
         relay.start()
         emitter.start()
+        agents.start()
         try:
             yield
         finally:
+            await agents.close()
             await emitter.close()
             await relay.close()
             await services.authenticator.close()
@@ -220,7 +277,9 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     app.state.services = services
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
-    for module in (chat, embeddings, models, tenants, keys, profiles, usage, memory_api, health):
+    for module in (chat, embeddings, models, tenants, keys, profiles, usage, memory_api, personas, tools):
+        app.include_router(module.router)
+    for module in (sessions_api, health):
         app.include_router(module.router)
     app.add_middleware(
         EdgeMiddleware,

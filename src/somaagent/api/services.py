@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from somaagent.agents.runs import RunEngine
 from somaagent.config import Settings
 from somaagent.events.bus import InProcessBus
 from somaagent.events.outbox import BufferedEmitter
@@ -18,6 +19,7 @@ from somaagent.models.profiles import ProfileCache
 from somaagent.models.providers.upstream_http import UpstreamClient
 from somaagent.models.router import ModelRouter
 from somaagent.observability.metrics import Metrics
+from somaagent.tools.registry import ToolRegistry
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Services:
     metrics: Metrics
     profiles: ProfileCache
     memory: MemoryService
+    tools: ToolRegistry
+    agents: RunEngine
     http_clients: list[UpstreamClient] = field(default_factory=list)
     readiness: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
     started_at: int = 0

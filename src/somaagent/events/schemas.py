@@ -12,6 +12,8 @@ from somaagent.core.ids import new_id
 # Topic names are part of the contract (ARCHITECTURE §6).
 MODEL_USAGE = "model.usage"
 AUDIT_EVENTS = "audit.events"
+CONVERSATION_EVENTS = "conversation.events"
+TOOL_CALLS = "tool.calls"
 
 SCHEMA_VERSION = 1
 

@@ -11,11 +11,13 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+import somaagent.agents.tables
 import somaagent.analytics.tables
 import somaagent.events.tables
 import somaagent.identity.tables
 import somaagent.memory.tables
-import somaagent.models.tables  # noqa: F401  (registers the tables on Base.metadata)
+import somaagent.models.tables
+import somaagent.tools.tables  # noqa: F401  (registers the tables on Base.metadata)
 from somaagent.db.base import Base
 
 target_metadata = Base.metadata

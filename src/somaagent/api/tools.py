@@ -1,0 +1,89 @@
+"""`/v1/tools`: the tools a tenant's agents may call, with their signed manifests; enable/disable."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from somaagent.api.deps import PrincipalDep, ServicesDep, SessionDep
+from somaagent.api.openai.docs import error_responses
+from somaagent.core.errors import Forbidden
+from somaagent.core.pagination import ListOut
+from somaagent.identity.service import get_tenant
+from somaagent.tools.registry import ToolStatus
+
+router = APIRouter(prefix="/v1/tools", tags=["Tools"])
+
+
+class ToolOut(BaseModel):
+    object: Literal["tool"] = "tool"
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    version: str
+    side_effect: str
+    publisher: str | None
+    source: str = Field(description="`builtin`, or `mcp:<server>`.")
+    enabled: bool
+    config: dict[str, Any]
+    digest: str = Field(description="SHA-256 of the manifest's canonical JSON (RFC 8785).")
+    signature: str
+    key_id: str
+
+    @classmethod
+    def of(cls, status: ToolStatus) -> ToolOut:
+        signed = status.tool.signed
+        manifest = signed.manifest
+        return cls(
+            name=manifest.name,
+            description=manifest.description,
+            parameters=dict(manifest.parameters),
+            version=manifest.version,
+            side_effect=manifest.side_effect,
+            publisher=manifest.publisher,
+            source=status.tool.source,
+            enabled=status.enabled,
+            config=status.config,
+            digest=signed.digest,
+            signature=signed.signature,
+            key_id=signed.key_id,
+        )
+
+
+class ToolPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = None
+    config: dict[str, Any] | None = Field(
+        default=None,
+        description='Tool configuration, e.g. `{"allowlist": ["intranet.example"]}` for http_fetch.',
+    )
+
+
+@router.get("", response_model=ListOut[ToolOut], responses=error_responses(401))
+async def list_tools(principal: PrincipalDep, services: ServicesDep, session: SessionDep) -> ListOut[ToolOut]:
+    return ListOut(data=[ToolOut.of(s) for s in await services.tools.statuses(session, principal)])
+
+
+@router.patch("/{name}", response_model=ToolOut, responses=error_responses(400, 401, 403, 404))
+async def configure_tool(
+    name: str,
+    body: ToolPatch,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    session: SessionDep,
+    tenant: str | None = None,
+) -> ToolOut:
+    """Enable or disable a tool for the caller's tenant; admins also set its configuration."""
+    if body.config is not None and not principal.is_admin:
+        # A tenant's own allowlist would let it aim http_fetch at internal addresses (SSRF).
+        raise Forbidden("only an admin key may change a tool's configuration", param="config")
+    if tenant is not None:
+        target = await get_tenant(session, principal, tenant)
+        principal = replace(principal, tenant_id=target.id, tenant_name=target.name)
+    status = await services.tools.configure(session, principal, name, body.enabled, body.config)
+    await session.commit()
+    return ToolOut.of(status)
