@@ -19,11 +19,10 @@ from somaagent.agents.recorder import Pending, RunRecorder
 from somaagent.agents.schemas import Attachment
 from somaagent.core.errors import ContextLengthExceeded
 from somaagent.core.principal import Principal
-from somaagent.events.schemas import TOOL_CALLS, Event
 from somaagent.memory.service import MemoryService, Recalled
 from somaagent.models.messages import ChatRequest, Message, ToolCall, ToolChoice, ToolSpec, Usage
 from somaagent.models.router import ModelRouter
-from somaagent.tools.registry import ToolContext, ToolRegistry, ToolStatus, arguments_digest
+from somaagent.tools.registry import ToolContext, ToolOutcome, ToolRegistry, ToolStatus, tool_call_event
 
 # (principal, request id, model, usage or None, seconds, status): metering, injected by the app.
 Meter = Callable[[Principal, str, str, str, Usage | None, float, str], None]
@@ -241,52 +240,39 @@ class RunTools:
 
 async def _run_one(state: RunState, call: ToolCall) -> None:
     status = state.tools.get(call.name)
-    context = ToolContext(
-        state.principal, state.recorder.session_id, state.recorder.run_id, status.config if status else {}
-    )
     if status is None:
         allowed = ", ".join(sorted(state.tools)) or "none"
-        content, is_error, seconds = (
+        outcome = ToolOutcome(
+            call.name,
             f"there is no tool {call.name!r} for this agent; available: {allowed}",
             True,
             0.0,
+            "unknown_tool",
         )
-        code: str | None = "unknown_tool"
     else:
-        outcome = await state.deps.tools.call(status, context, call.arguments)
-        content, is_error, code, seconds = (
-            outcome.content,
-            outcome.is_error,
-            outcome.error_code,
-            outcome.duration_s,
+        context = ToolContext(
+            state.principal, state.recorder.session_id, state.recorder.run_id, status.config
         )
-    result = Message("tool", content, tool_call_id=call.id, name=call.name)
+        outcome = await state.deps.tools.call(status, context, call.arguments)
+    result = Message("tool", outcome.content, tool_call_id=call.id, name=call.name)
     state.conversation.add(result)
-    outcome_name = "ok" if not is_error else (code or "error")
-    audit = Event(
-        topic=TOOL_CALLS,
-        type="tool.called",
-        tenant_id=state.principal.tenant_id,
-        actor=state.principal.subject,
-        data={
-            "session_id": state.recorder.session_id,
-            "run_id": state.recorder.run_id,
-            "tool": call.name,
-            "call_id": call.id,
-            "args_sha256": arguments_digest(call.arguments),
-            "duration_ms": round(seconds * 1000, 1),
-            "outcome": outcome_name,
-        },
+    audit = tool_call_event(
+        state.principal,
+        outcome,
+        call.arguments,
+        session_id=state.recorder.session_id,
+        run_id=state.recorder.run_id,
+        call_id=call.id,
     )
     await state.recorder.record(
         "tool.result",
         {
             "call_id": call.id,
             "name": call.name,
-            "content": content,
-            "is_error": is_error,
-            "error_code": code if is_error else None,
-            "duration_ms": round(seconds * 1000, 1),
+            "content": outcome.content,
+            "is_error": outcome.is_error,
+            "error_code": outcome.error_code if outcome.is_error else None,
+            "duration_ms": round(outcome.duration_s * 1000, 1),
         },
         Pending(messages=[result], outbox=[audit], run=state.run_columns()),
     )

@@ -5,15 +5,17 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Literal
 
+import orjson
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from somaagent.api.deps import PrincipalDep, ServicesDep, SessionDep
 from somaagent.api.openai.docs import error_responses
-from somaagent.core.errors import Forbidden
+from somaagent.core.errors import Forbidden, NotFound
 from somaagent.core.pagination import ListOut
+from somaagent.events.outbox import add_event
 from somaagent.identity.service import get_tenant
-from somaagent.tools.registry import ToolStatus
+from somaagent.tools.registry import ToolContext, ToolStatus, tool_call_event
 
 router = APIRouter(prefix="/v1/tools", tags=["Tools"])
 
@@ -87,3 +89,43 @@ async def configure_tool(
     status = await services.tools.configure(session, principal, name, body.enabled, body.config)
     await session.commit()
     return ToolOut.of(status)
+
+
+class ToolInvokeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolInvokeOut(BaseModel):
+    object: Literal["tool.result"] = "tool.result"
+    name: str
+    content: str
+    is_error: bool
+    error_code: str | None
+    duration_ms: float
+
+
+@router.post("/{name}/invoke", response_model=ToolInvokeOut, responses=error_responses(400, 401, 404))
+async def invoke_tool(
+    name: str, body: ToolInvokeIn, principal: PrincipalDep, services: ServicesDep, session: SessionDep
+) -> ToolInvokeOut:
+    """Call an enabled tool directly, as an agent would (a failing call is a result with `is_error`)."""
+    enabled = {s.tool.name: s for s in await services.tools.enabled(session, principal)}
+    status = enabled.get(name)
+    if status is None:
+        raise NotFound(f"no enabled tool {name!r}; GET /v1/tools lists them", param="name")
+    arguments = orjson.dumps(body.arguments).decode()
+    outcome = await services.tools.call(status, ToolContext(principal, config=status.config), arguments)
+    add_event(
+        session, tool_call_event(principal, outcome, arguments, session_id=None, run_id=None, call_id=None)
+    )
+    await session.commit()
+    services.relay.poke()
+    return ToolInvokeOut(
+        name=outcome.name,
+        content=outcome.content,
+        is_error=outcome.is_error,
+        error_code=outcome.error_code,
+        duration_ms=round(outcome.duration_s * 1000, 1),
+    )

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from somaagent.core.clock import utcnow
 from somaagent.core.errors import InvalidRequest, NotFound, SomaError
 from somaagent.core.principal import Principal
+from somaagent.events.schemas import TOOL_CALLS, Event
 from somaagent.tools.manifest import Manifest, SignedManifest, validate_arguments, verify_manifest
 from somaagent.tools.tables import ToolSetting
 
@@ -213,6 +214,33 @@ def parse_arguments(name: str, arguments_json: str) -> dict[str, Any]:
 def arguments_digest(arguments_json: str) -> str:
     """SHA-256 of the arguments as sent: `tool.calls` events carry this, never the arguments."""
     return hashlib.sha256(arguments_json.encode()).hexdigest()
+
+
+def tool_call_event(
+    principal: Principal,
+    outcome: ToolOutcome,
+    arguments_json: str,
+    *,
+    session_id: str | None,
+    run_id: str | None,
+    call_id: str | None,
+) -> Event:
+    """The `tool.calls` event of one call: who, which tool, a digest of the arguments, time, outcome."""
+    return Event(
+        topic=TOOL_CALLS,
+        type="tool.called",
+        tenant_id=principal.tenant_id,
+        actor=principal.subject,
+        data={
+            "session_id": session_id,
+            "run_id": run_id,
+            "tool": outcome.name,
+            "call_id": call_id,
+            "args_sha256": arguments_digest(arguments_json),
+            "duration_ms": round(outcome.duration_s * 1000, 1),
+            "outcome": "ok" if not outcome.is_error else (outcome.error_code or "error"),
+        },
+    )
 
 
 def _cap(text: str) -> str:

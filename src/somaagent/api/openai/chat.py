@@ -15,6 +15,7 @@ from starlette.responses import Response, StreamingResponse
 from somaagent.api.deps import PrincipalDep, ServicesDep
 from somaagent.api.errors import error_body, status_for
 from somaagent.api.metering import record_model_call
+from somaagent.api.openai.agent_chat import agent_completion, is_agent_model
 from somaagent.api.openai.docs import ChatCompletionOut, error_responses
 from somaagent.api.openai.render import ChunkRenderer, completion_id, completion_json
 from somaagent.api.openai.schemas import ChatCompletionRequest
@@ -43,6 +44,8 @@ async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, principal: PrincipalDep, services: ServicesDep
 ) -> Response:
     chat = body.to_chat_request()
+    if is_agent_model(chat.model):
+        return await agent_completion(body, chat, request, principal, services)
     request_id = current_request_id() or completion_id()
     started = time.perf_counter()
     if not body.stream:
