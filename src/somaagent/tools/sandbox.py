@@ -23,7 +23,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from somaagent.core.errors import InvalidRequest, SomaError
 
@@ -32,6 +32,7 @@ MB = 1024 * 1024
 SYSTEM_PYTHON = "/usr/bin/python3"
 _PRLIMIT = "/usr/bin/prlimit"
 _NICE = "/usr/bin/nice"
+_SETPRIV = "/usr/bin/setpriv"
 
 # Root drops to `nobody` before starting bwrap. RLIMIT_NPROC is not enforced at all for processes
 # whose real uid is host root (the kernel exempts INIT_USER), so a fork bomb running as root inside
@@ -191,11 +192,14 @@ def _root_links() -> list[str]:
     return args
 
 
-def _privilege_drop() -> dict[str, Any]:
-    """subprocess keyword arguments that start bwrap as `nobody` when we are root."""
+def _privilege_drop() -> list[str]:
+    """The argv prefix that starts bwrap as `nobody` when we are root.
+
+    A `setpriv` exec rather than subprocess's `user=`/`group=`: uvloop (the server's event loop)
+    refuses those arguments, and an exec'd wrapper drops privileges identically under any loop."""
     if os.geteuid() != 0:
-        return {}
-    return {"user": _NOBODY, "group": _NOBODY, "extra_groups": []}
+        return []
+    return [_SETPRIV, f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups", "--"]
 
 
 def _find_bwrap() -> str:
@@ -213,7 +217,12 @@ async def ensure_sandbox() -> None:
     bwrap = _find_bwrap()
     if bwrap in _verified:
         return
-    for binary, package in ((SYSTEM_PYTHON, "python3"), (_PRLIMIT, "util-linux"), (_NICE, "coreutils")):
+    for binary, package in (
+        (SYSTEM_PYTHON, "python3"),
+        (_PRLIMIT, "util-linux"),
+        (_SETPRIV, "util-linux"),
+        (_NICE, "coreutils"),
+    ):
         if not os.access(binary, os.X_OK):
             raise SandboxUnavailable(f"{binary} is missing: install it with `apt-get install -y {package}`")
     result = await _run(bwrap, b"", SandboxLimits(wall_s=10.0))
@@ -242,6 +251,7 @@ async def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxR
 async def _run(bwrap: str, source: bytes, limits: SandboxLimits) -> SandboxResult:
     started = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
+        *_privilege_drop(),
         *sandbox_command(limits, bwrap),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
@@ -249,7 +259,6 @@ async def _run(bwrap: str, source: bytes, limits: SandboxLimits) -> SandboxResul
         env=_OUTER_ENV,
         cwd="/",
         start_new_session=True,
-        **_privilege_drop(),
     )
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     killed_for: list[tuple[LimitName, str]] = []
