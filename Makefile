@@ -49,6 +49,7 @@ bench: install
 	$(BIN)/python bench/sandbox_cold_start.py
 	$(BIN)/python bench/vector_index.py
 	$(BIN)/python bench/memory_recall.py
+	$(BIN)/python bench/run_overhead.py
 
 lock:
 	# Model packages are installed with --no-deps; bench-only packages live in bench/requirements.txt.
