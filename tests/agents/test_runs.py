@@ -324,3 +324,16 @@ def test_another_tenant_sees_nothing(new_tenant: Callable[..., TenantCtx]) -> No
     assert error_of(other.http.post("/v1/sessions", json={"persona": "private"}), 404)["param"] == "persona"
     # The owner's session is untouched.
     assert len(owner.http.get(f"/v1/sessions/{session_id}/history").json()["data"]) == 2
+
+
+def test_text_streams_token_by_token_even_with_tools_offered(tenant: TenantCtx) -> None:
+    # Every built-in tool is offered (`auto`): the local model's text must still stream as it comes,
+    # with only a possible `<tool_call>` opening held back.
+    session_id = new_session(tenant.http)
+    stream = run(tenant.http, session_id, "Write two sentences about Bob.", max_tokens=40)
+    assert stream[-1]["type"] == "run.completed"
+    deltas = [e for e in stream if e["type"] == "assistant.delta"]
+    if not any(e["type"] == "tool.call" for e in stream):
+        assert len(deltas) > 5
+        message = next(e for e in stream if e["type"] == "assistant.message")["data"]["content"]
+        assert "".join(d["data"]["text"] for d in deltas) == message

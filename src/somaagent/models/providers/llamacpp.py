@@ -32,6 +32,7 @@ from somaagent.models.messages import (
 )
 from somaagent.models.providers.chat_prompt import (
     TOOL_CLOSE,
+    TOOL_OPEN,
     PromptPlan,
     any_tool_call,
     new_tool_call_id,
@@ -279,6 +280,8 @@ class LlamaCppChatModel:
     ) -> AsyncGenerator[ChatChunk, None]:
         buffered: list[str] = []
         streaming_args = plan.forced_tool is not None
+        # In `auto` mode text streams as it comes; only what may open a tool call is held back.
+        calls = _ToolCallScanner() if plan.parse_tool_calls else None
         if streaming_args:
             yield ChatChunk(
                 model=self.id,
@@ -289,7 +292,11 @@ class LlamaCppChatModel:
             if kind == "text":
                 if streaming_args:
                     yield ChatChunk(model=self.id, tool_calls=(ToolCallDelta(index=0, arguments=payload),))
-                elif plan.any_tool or plan.parse_tool_calls:
+                elif calls is not None:
+                    passed = calls.feed(payload)
+                    if passed:
+                        yield ChatChunk(model=self.id, content=passed)
+                elif plan.any_tool:
                     buffered.append(payload)  # a tool call can only be recognised whole
                 else:
                     yield ChatChunk(model=self.id, content=payload)
@@ -313,21 +320,23 @@ class LlamaCppChatModel:
                     )
                     yield ChatChunk(model=self.id, finish_reason="tool_calls", usage=usage)
                     return
-                if plan.parse_tool_calls:
-                    text, calls = parse_auto(
-                        output.replace(TOOL_CLOSE + TOOL_CLOSE, TOOL_CLOSE), request.tools
+                if calls is not None:
+                    tail = calls.tail()
+                    remainder, found = parse_auto(
+                        tail.replace(TOOL_CLOSE + TOOL_CLOSE, TOOL_CLOSE), request.tools
                     )
-                    if calls:
+                    if found:
                         yield ChatChunk(
                             model=self.id,
-                            content=text,
+                            content=remainder,
                             tool_calls=tuple(
                                 ToolCallDelta(index=i, id=c.id, name=c.name, arguments=c.arguments)
-                                for i, c in enumerate(calls)
+                                for i, c in enumerate(found)
                             ),
                         )
                         yield ChatChunk(model=self.id, finish_reason="tool_calls", usage=usage)
                         return
+                    output = tail  # no valid call: what was held back is text after all
                 if output:
                     yield ChatChunk(model=self.id, content=output)
                 yield ChatChunk(model=self.id, finish_reason=finish, usage=usage)
@@ -380,6 +389,34 @@ class _StopScanner:
         out, _ = self.feed(text)
         rest, self._held = self._held, ""
         return out + rest
+
+
+class _ToolCallScanner:
+    """Passes text through until a `<tool_call>` opens, holding back only a possible start of one;
+    from the opening on, everything is kept for `parse_auto`."""
+
+    def __init__(self) -> None:
+        self._held = ""
+        self._in_call = False
+
+    def feed(self, text: str) -> str:
+        self._held += text
+        if self._in_call:
+            return ""
+        at = self._held.find(TOOL_OPEN)
+        if at >= 0:
+            out, self._held = self._held[:at], self._held[at:]
+            self._in_call = True
+            return out
+        keep = _overlap(self._held, TOOL_OPEN)
+        out = self._held[: len(self._held) - keep]
+        self._held = self._held[len(self._held) - keep :]
+        return out
+
+    def tail(self) -> str:
+        """What was held back: a (maybe partial) tool call and what followed it."""
+        rest, self._held = self._held, ""
+        return rest
 
 
 def _overlap(text: str, stop: str) -> int:
