@@ -7,6 +7,8 @@ import httpx
 from tests.support.processes import SomaServer
 
 OPEN = {"/healthz", "/readyz", "/metrics"}
+# POSTs that act on the thing named by the path and take no body.
+ACTIONS = ("/cancel", "/refresh")
 
 
 def test_every_route_is_documented_with_error_schemas(server: SomaServer) -> None:
@@ -22,6 +24,13 @@ def test_every_route_is_documented_with_error_schemas(server: SomaServer) -> Non
         "/v1/keys/{key}",
         "/v1/model-profiles/{role}",
         "/v1/usage",
+        "/v1/sessions",
+        "/v1/sessions/{session_id}/messages",
+        "/v1/sessions/{session_id}/events",
+        "/v1/sessions/{session_id}/runs/{run_id}/cancel",
+        "/v1/personas",
+        "/v1/tools",
+        "/v1/tools/{name}/invoke",
     ):
         assert expected in paths, expected
     schemas = document["components"]["schemas"]
@@ -38,7 +47,10 @@ def test_every_route_is_documented_with_error_schemas(server: SomaServer) -> Non
             for code, response in errors.items():
                 ref = response["content"]["application/json"]["schema"]["$ref"]
                 assert ref.endswith("/ErrorResponse"), (method, path, code)
-            if method in ("post", "put"):
+            if method in ("post", "put", "patch") and not path.endswith(ACTIONS):
                 assert "requestBody" in operation, (method, path)
+            if "requestBody" in operation:
                 assert "400" in errors, (method, path)
+            if "{" in path:
+                assert "404" in errors, (method, path)
             assert operation.get("security"), (method, path)  # the bearer scheme is declared
