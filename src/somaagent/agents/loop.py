@@ -9,7 +9,7 @@ committed) by the `RunRecorder` before it is streamed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,8 @@ from somaagent.agents.schemas import Attachment
 from somaagent.core.errors import ContextLengthExceeded
 from somaagent.core.principal import Principal
 from somaagent.memory.service import MemoryService, Recalled
-from somaagent.models.messages import ChatRequest, Message, ToolCall, ToolChoice, ToolSpec, Usage
+from somaagent.models.assemble import collect_stream
+from somaagent.models.messages import ChatChunk, ChatRequest, Message, ToolCall, ToolChoice, ToolSpec, Usage
 from somaagent.models.router import ModelRouter
 from somaagent.tools.registry import ToolContext, ToolOutcome, ToolRegistry, ToolStatus, tool_call_event
 
@@ -178,37 +179,31 @@ class CallModel:
             tool_choice=choice if state.tools else ToolChoice("none"),
         )
         started = time.perf_counter()
-        text: list[str] = []
-        calls: dict[int, dict[str, str]] = {}
-        usage: Usage | None = None
-        model = request.model
         try:
-            async for chunk in state.deps.router.stream(state.principal, request):
-                model = chunk.model
-                if chunk.content:
-                    text.append(chunk.content)
-                    state.recorder.live("assistant.delta", {"text": chunk.content})
-                for delta in chunk.tool_calls:
-                    call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
-                    call["id"] = delta.id or call["id"]
-                    call["name"] = delta.name or call["name"]
-                    call["arguments"] += delta.arguments
-                if chunk.usage is not None:
-                    usage = chunk.usage
+            result = await collect_stream(
+                request.model, _streamed(state.deps.router.stream(state.principal, request), state.recorder)
+            )
         except ContextLengthExceeded as exc:
             state.steps -= 1
-            state.deps.meter(state.principal, state.recorder.run_id, model, "chat", None, 0.0, exc.code)
+            state.deps.meter(
+                state.principal, state.recorder.run_id, request.model, "chat", None, 0.0, exc.code
+            )
             return await _trim(state, exc)
         request_id = f"{state.recorder.run_id}.{state.steps}"
         state.deps.meter(
-            state.principal, request_id, model, "chat", usage, time.perf_counter() - started, "ok"
+            state.principal,
+            request_id,
+            result.model,
+            "chat",
+            result.usage,
+            time.perf_counter() - started,
+            "ok",
         )
-        state.model_used = model
-        if usage is not None:
-            state.prompt_tokens += usage.prompt_tokens
-            state.completion_tokens += usage.completion_tokens
-        tool_calls = tuple(ToolCall(c["id"], c["name"], c["arguments"]) for _, c in sorted(calls.items()))
-        message = Message("assistant", "".join(text) or None, tool_calls)
+        state.model_used = result.model
+        state.prompt_tokens += result.usage.prompt_tokens
+        state.completion_tokens += result.usage.completion_tokens
+        message = result.message
+        tool_calls = message.tool_calls
         if tool_calls:
             return RunTools(message)
         return Finish(message)
@@ -276,6 +271,14 @@ async def _run_one(state: RunState, call: ToolCall) -> None:
         },
         Pending(messages=[result], outbox=[audit], run=state.run_columns()),
     )
+
+
+async def _streamed(chunks: AsyncIterator[ChatChunk], recorder: RunRecorder) -> AsyncIterator[ChatChunk]:
+    """Pass the model's chunks on, publishing each piece of text as an `assistant.delta`."""
+    async for chunk in chunks:
+        if chunk.content:
+            recorder.live("assistant.delta", {"text": chunk.content})
+        yield chunk
 
 
 async def _trim(state: RunState, exc: ContextLengthExceeded) -> CallModel:
