@@ -11,11 +11,19 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install system-packages test test-fast lint format bench lock clean
 
-install: system-packages $(BIN)/soma
+# Real MCP servers the tests talk to (npm, locked): the reference "everything" server.
+MCP_NPM := tests/support/mcp_npm
 
-# Debian packages the platform runs: bubblewrap isolates the `python` tool's sandbox.
+install: system-packages $(BIN)/soma $(MCP_NPM)/node_modules/.package-lock.json
+
+# Debian packages the platform runs: bubblewrap isolates the `python` tool's sandbox; node and npm
+# run the npm MCP server of the tests.
 system-packages:
 	@command -v bwrap >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q bubblewrap; }
+	@command -v npm >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q nodejs npm; }
+
+$(MCP_NPM)/node_modules/.package-lock.json: $(MCP_NPM)/package-lock.json
+	npm ci --prefix $(MCP_NPM) --no-audit --no-fund --silent
 
 $(BIN)/soma: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)

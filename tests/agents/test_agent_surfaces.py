@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +17,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.agents.test_runs import FAST, new_session, persona
+from tests.agents.test_runs import FAST, new_session, persona, run, types
 from tests.conftest import TenantCtx
 from tests.support.contract import error_of, validate
 from tests.support.processes import SomaServer
@@ -28,7 +30,9 @@ def ws_url(server: SomaServer, session_id: str) -> str:
 def test_websocket_runs_and_streams(server: SomaServer, tenant: TenantCtx) -> None:
     persona(tenant.http, "clock")
     session_id = new_session(tenant.http, persona="clock")
-    with connect(ws_url(server, session_id), additional_headers={"authorization": f"Bearer {tenant.key}"}) as ws:
+    with connect(
+        ws_url(server, session_id), additional_headers={"authorization": f"Bearer {tenant.key}"}
+    ) as ws:
         ws.send(json.dumps({"type": "nonsense"}))
         error = json.loads(ws.recv(timeout=10))
         assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
@@ -68,14 +72,13 @@ def test_websocket_refuses_bad_keys_and_other_tenants(
     server: SomaServer, tenant: TenantCtx, new_tenant: Any
 ) -> None:
     session_id = new_session(tenant.http)
-    with pytest.raises(InvalidStatus) as refused:
-        with connect(ws_url(server, session_id)):
-            pass
+    with pytest.raises(InvalidStatus) as refused, connect(ws_url(server, session_id)):
+        pass
     assert refused.value.response.status_code == 403  # closed before accept: no key
     other = new_tenant()
-    with pytest.raises(InvalidStatus):
-        with connect(ws_url(server, session_id), additional_headers={"authorization": f"Bearer {other.key}"}):
-            pass
+    foreign = {"authorization": f"Bearer {other.key}"}
+    with pytest.raises(InvalidStatus), connect(ws_url(server, session_id), additional_headers=foreign):
+        pass
 
 
 def test_agent_model_on_the_openai_endpoint(tenant: TenantCtx) -> None:
@@ -182,3 +185,30 @@ def test_tools_invoked_directly(server: SomaServer, tenant: TenantCtx) -> None:
         assert {c["tool"] for c in calls} >= {"python", "http_fetch", "current_time", "memory_search"}
         assert all(len(c["args_sha256"]) == 64 and "code" not in c for c in calls)
         assert {c["outcome"] for c in calls} >= {"ok", "fetch_blocked", "invalid_tool_arguments"}
+
+
+def test_a_run_calls_an_mcp_tool(admin: httpx.Client, tenant: TenantCtx) -> None:
+    # An operator registers a stdio MCP server (it runs a command, so an admin key) for the tenant.
+    command = [str(Path(sys.executable).parent / "mcp-server-time"), "--local-timezone", "UTC"]
+    created = admin.post(
+        "/v1/mcp-servers",
+        params={"tenant": tenant.name},
+        json={"name": "time", "transport": "stdio", "command": command},
+    )
+    assert created.status_code == 201, created.text
+    listed = {t["name"]: t for t in tenant.http.get("/v1/tools").json()["data"]}
+    assert listed["mcp.time.get_current_time"]["source"] == "mcp:time"
+    persona(tenant.http, "mcp-clock", tools=["mcp.time.get_current_time"])
+    session_id = new_session(tenant.http, persona="mcp-clock")
+    stream = run(
+        tenant.http,
+        session_id,
+        "What time is it in Europe/Paris?",
+        tool_choice={"type": "function", "name": "mcp.time.get_current_time"},
+    )
+    assert types(stream) == ["run.started", "tool.call", "tool.result", "assistant.message", "run.completed"]
+    result = next(e for e in stream if e["type"] == "tool.result")["data"]
+    if result["is_error"]:  # the model picked a zone the server does not know: its own error came back
+        assert "timezone" in result["content"].lower()
+    else:
+        assert "datetime" in json.loads(result["content"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Literal
 
 import orjson
@@ -14,7 +13,7 @@ from somaagent.api.openai.docs import error_responses
 from somaagent.core.errors import Forbidden, NotFound
 from somaagent.core.pagination import ListOut
 from somaagent.events.outbox import add_event
-from somaagent.identity.service import get_tenant
+from somaagent.identity.service import act_for_tenant
 from somaagent.tools.registry import ToolContext, ToolStatus, tool_call_event
 
 router = APIRouter(prefix="/v1/tools", tags=["Tools"])
@@ -83,9 +82,7 @@ async def configure_tool(
     if body.config is not None and not principal.is_admin:
         # A tenant's own allowlist would let it aim http_fetch at internal addresses (SSRF).
         raise Forbidden("only an admin key may change a tool's configuration", param="config")
-    if tenant is not None:
-        target = await get_tenant(session, principal, tenant)
-        principal = replace(principal, tenant_id=target.id, tenant_name=target.name)
+    principal = await act_for_tenant(session, principal, tenant)
     status = await services.tools.configure(session, principal, name, body.enabled, body.config)
     await session.commit()
     return ToolOut.of(status)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy import select, update
@@ -74,6 +74,14 @@ async def get_tenant(session: AsyncSession, principal: Principal | None, ref: st
     if tenant is None or (principal is not None and not principal.can_act_for(tenant.id)):
         raise NotFound(f"no tenant {ref!r}; list them with `soma tenants list`", param="tenant")
     return tenant
+
+
+async def act_for_tenant(session: AsyncSession, principal: Principal, ref: str | None) -> Principal:
+    """The caller acting on tenant `ref` (id or name): admins may name any tenant, others only their own."""
+    if ref is None:
+        return principal
+    tenant = await get_tenant(session, principal, ref)
+    return replace(principal, tenant_id=tenant.id, tenant_name=tenant.name)
 
 
 async def create_key(

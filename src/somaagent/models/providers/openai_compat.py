@@ -8,6 +8,7 @@ would refuse it too.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -36,23 +37,48 @@ _FINISH: dict[str, FinishReason] = {
 }
 
 
-def _message_json(message: Message) -> dict[str, Any]:
+_WIRE_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def wire_names(request: ChatRequest) -> dict[str, str]:
+    """Our tool name → the name sent upstream. OpenAI allows only `[a-zA-Z0-9_-]{1,64}`, while our
+    names may hold dots (`mcp.time.get_current_time`); the mapping is deterministic, so the answer's
+    names map back with the same call."""
+    names = {t.name for t in request.tools} | {c.name for m in request.messages for c in m.tool_calls}
+    mapping = {n: n for n in names if _WIRE_NAME.fullmatch(n)}
+    used = set(mapping)
+    for name in sorted(names - set(mapping)):
+        base = re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:56]
+        wire, n = base, 1
+        while wire in used:
+            n += 1
+            wire = f"{base}_{n}"
+        used.add(wire)
+        mapping[name] = wire
+    return mapping
+
+
+def _message_json(message: Message, names: dict[str, str]) -> dict[str, Any]:
     data: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.tool_calls:
         data["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            {"id": c.id, "type": "function", "function": {"name": names[c.name], "arguments": c.arguments}}
             for c in message.tool_calls
         ]
     if message.tool_call_id is not None:
         data["tool_call_id"] = message.tool_call_id
     if message.name is not None:
-        data["name"] = message.name
+        data["name"] = names.get(message.name, message.name)
     return data
 
 
 def request_body(request: ChatRequest, upstream_model: str, stream: bool) -> dict[str, Any]:
     """The upstream's JSON body for `request`; only parameters the caller set are sent."""
-    body: dict[str, Any] = {"model": upstream_model, "messages": [_message_json(m) for m in request.messages]}
+    names = wire_names(request)
+    body: dict[str, Any] = {
+        "model": upstream_model,
+        "messages": [_message_json(m, names) for m in request.messages],
+    }
     optional = {
         "max_tokens": request.max_tokens,
         "temperature": request.temperature,
@@ -69,13 +95,13 @@ def request_body(request: ChatRequest, upstream_model: str, stream: bool) -> dic
         body["tools"] = [
             {
                 "type": "function",
-                "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+                "function": {"name": names[t.name], "description": t.description, "parameters": t.parameters},
             }
             for t in request.tools
         ]
         choice = request.tool_choice
         body["tool_choice"] = (
-            {"type": "function", "function": {"name": choice.function}}
+            {"type": "function", "function": {"name": names.get(choice.function or "", choice.function)}}
             if choice.mode == "function"
             else choice.mode
         )
@@ -114,6 +140,7 @@ class OpenAICompatibleChatModel:
     async def complete(self, request: ChatRequest) -> ChatResult:
         """One upstream round trip."""
         body = orjson.dumps(request_body(request, self._upstream_model, stream=False))
+        ours = {wire: name for name, wire in wire_names(request).items()}
         status, content = await self._client.post_json("chat/completions", body)
         _raise_for_status(self.id, status, content)
         try:
@@ -121,7 +148,11 @@ class OpenAICompatibleChatModel:
             choice = data["choices"][0]
             message = choice["message"]
             calls = tuple(
-                ToolCall(id=c["id"], name=c["function"]["name"], arguments=c["function"]["arguments"])
+                ToolCall(
+                    id=c["id"],
+                    name=ours.get(c["function"]["name"], c["function"]["name"]),
+                    arguments=c["function"]["arguments"],
+                )
                 for c in message.get("tool_calls") or ()
             )
             usage = data.get("usage") or {}
@@ -140,6 +171,7 @@ class OpenAICompatibleChatModel:
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         """Relay the upstream's SSE stream as chunks; the final chunk carries finish reason and usage."""
         body = orjson.dumps(request_body(request, self._upstream_model, stream=True))
+        ours = {wire: name for name, wire in wire_names(request).items()}
         finish: FinishReason | None = None
         usage: Usage | None = None
         pieces = 0
@@ -163,7 +195,7 @@ class OpenAICompatibleChatModel:
                             ToolCallDelta(
                                 index=c.get("index", 0),
                                 id=c.get("id"),
-                                name=(c.get("function") or {}).get("name"),
+                                name=_our_name(ours, (c.get("function") or {}).get("name")),
                                 arguments=(c.get("function") or {}).get("arguments") or "",
                             )
                             for c in delta.get("tool_calls") or ()
@@ -178,6 +210,10 @@ class OpenAICompatibleChatModel:
         # Servers that ignore stream_options (llama.cpp's Python server) send no usage: they send one
         # token per chunk, so the chunk count is the completion; the prompt count is unknown (0).
         yield ChatChunk(model=self.id, finish_reason=finish or "stop", usage=usage or Usage(0, pieces))
+
+
+def _our_name(ours: dict[str, str], wire: str | None) -> str | None:
+    return None if wire is None else ours.get(wire, wire)
 
 
 class OpenAICompatibleEmbedder:
