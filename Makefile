@@ -57,6 +57,7 @@ bench: install
 	$(BIN)/python bench/sandbox_cold_start.py
 	$(BIN)/python bench/vector_index.py
 	$(BIN)/python bench/memory_recall.py
+	$(BIN)/python bench/document_ingest.py
 	$(BIN)/python bench/run_overhead.py
 
 lock:

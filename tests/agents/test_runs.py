@@ -191,7 +191,11 @@ def test_bad_tool_arguments_go_back_to_the_model(tenant: TenantCtx) -> None:
     session_id = new_session(tenant.http, persona="clock")
     # Three tokens cannot hold the arguments object: the cut JSON is a tool error, and the run goes on.
     stream = run(
-        tenant.http, session_id, "Time?", tool_choice={"type": "function", "name": "current_time"}, max_tokens=3
+        tenant.http,
+        session_id,
+        "Time?",
+        tool_choice={"type": "function", "name": "current_time"},
+        max_tokens=3,
     )
     result = next(e for e in stream if e["type"] == "tool.result")["data"]
     assert result["is_error"] is True and "not valid JSON" in result["content"]
@@ -261,7 +265,7 @@ def test_export_and_import_round_trip(tenant: TenantCtx) -> None:
     exported = tenant.http.get(f"/v1/sessions/{session_id}/export").json()
     assert exported["object"] == "session.export" and exported["metadata"] == {"ticket": "T-1"}
     assert [m["role"] for m in exported["messages"]] == ["user", "assistant", "tool", "assistant"]
-    assert [e["type"] for e in exported["events"]][0] == "run.started"
+    assert next(e["type"] for e in exported["events"]) == "run.started"
     copy = tenant.http.post("/v1/sessions/import", json=exported)
     assert copy.status_code == 201, copy.text
     history = tenant.http.get(f"/v1/sessions/{copy.json()['id']}/history").json()["data"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import httpx
 
 from tests.support.processes import SomaServer
@@ -35,6 +38,11 @@ def test_every_route_is_documented_with_error_schemas(server: SomaServer) -> Non
         assert expected in paths, expected
     schemas = document["components"]["schemas"]
     assert "ErrorResponse" in schemas
+    refs = set(re.findall(r'"\$ref": ?"([^"]+)"', json.dumps(document)))
+    dangling = {
+        r for r in refs if not r.startswith("#/components/schemas/") or r.rsplit("/", 1)[1] not in schemas
+    }
+    assert not dangling, dangling
     assert "HTTPValidationError" not in schemas  # we answer 400, never 422
     for path, operations in paths.items():
         for method, operation in operations.items():

@@ -24,9 +24,18 @@ TABLES = {
     "model_profiles",
     "memories",
     "memory_namespaces",
+    "personas",
+    "agent_sessions",
+    "agent_messages",
+    "agent_runs",
+    "agent_events",
+    "tool_settings",
+    "mcp_servers",
+    "memory_documents",
+    "memory_document_chunks",
     "alembic_version",
 }
-HEAD = "0002"
+HEAD = "0004"
 
 
 @pytest.fixture

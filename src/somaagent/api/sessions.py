@@ -105,8 +105,9 @@ async def export_session(session_id: str, principal: PrincipalDep, session: Sess
     responses={
         **error_responses(400, 401, 404, 409),
         200: {
+            "model": RunOut,
             "description": "An SSE stream of run events (`stream: true`, the default), or the finished run.",
-            "content": {"text/event-stream": {}, "application/json": {"schema": RunOut.model_json_schema()}},
+            "content": {"text/event-stream": {}},
         },
     },
 )
@@ -132,12 +133,10 @@ async def post_message(
     responses={
         **error_responses(400, 401, 404),
         200: {
+            "model": EventListOut,
             "description": "JSON list of stored events; with `Accept: text/event-stream`, an SSE replay that "
             "follows the active run to its end.",
-            "content": {
-                "application/json": {"schema": EventListOut.model_json_schema()},
-                "text/event-stream": {},
-            },
+            "content": {"text/event-stream": {}},
         },
     },
 )

@@ -1,4 +1,4 @@
-"""API schemas for memories."""
+"""API schemas for memories and documents."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from somaagent.memory.rag import Passage
 from somaagent.memory.service import DEFAULT_NAMESPACE, Recalled
-from somaagent.memory.tables import MemoryItem
+from somaagent.memory.tables import MemoryDocument, MemoryItem
 
 
 class _Strict(BaseModel):
@@ -98,4 +98,66 @@ class RagOut(BaseModel):
 class MemoryListOut(BaseModel):
     object: Literal["list"] = "list"
     data: list[MemoryOut]
+    has_more: bool
+
+
+DocumentStatus = Literal["queued", "processing", "completed", "failed"]
+
+
+class DocumentIn(_Strict):
+    name: str = Field(min_length=1, max_length=255, description="A name to show, e.g. the file name.")
+    media_type: Literal["text/plain", "text/markdown", "application/pdf"]
+    text: str | None = Field(default=None, description="The document itself (text/plain or text/markdown).")
+    content_base64: str | None = Field(
+        default=None, description="The document's bytes in base64 (any media type; needed for PDF)."
+    )
+    namespace: str = DEFAULT_NAMESPACE
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="Copied onto every chunk's metadata, beside document_id/chunk."
+    )
+
+
+class DocumentOut(BaseModel):
+    object: Literal["memory.document"] = "memory.document"
+    id: str
+    name: str
+    namespace: str
+    media_type: str
+    metadata: dict[str, Any]
+    size_bytes: int
+    status: DocumentStatus = Field(description="queued → processing → completed | failed")
+    chunks_total: int
+    chunks_done: int = Field(description="Chunks embedded and stored (searchable) so far.")
+    error: str | None = Field(description="Why the document failed, when it did.")
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+
+    @classmethod
+    def of(cls, document: MemoryDocument) -> DocumentOut:
+        return cls(
+            id=document.id,
+            name=document.name,
+            namespace=document.namespace,
+            media_type=document.media_type,
+            metadata=document.meta,
+            size_bytes=document.size_bytes,
+            status=document.status,
+            chunks_total=document.chunks_total,
+            chunks_done=document.chunks_done,
+            error=document.error,
+            created_at=document.created_at,
+            updated_at=document.updated_at,
+            completed_at=document.completed_at,
+        )
+
+
+class DocumentDeletedOut(DocumentOut):
+    deleted: Literal[True] = True
+    chunks_deleted: int = Field(description="Chunk memories deleted with the document.")
+
+
+class DocumentListOut(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DocumentOut]
     has_more: bool

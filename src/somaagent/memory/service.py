@@ -128,6 +128,43 @@ class MemoryService:
         await session.flush()
         return Remembered(item, merged=False, tokens=embedded.prompt_tokens)
 
+    async def add_embedded(
+        self,
+        session: AsyncSession,
+        principal: Principal,
+        namespace: str,
+        texts: list[str],
+        metadatas: list[dict[str, Any]],
+        embedded: Embeddings,
+    ) -> list[MemoryItem]:
+        """Store each text as a memory of its own, with the embedding given, under one new version.
+
+        Never merges near-duplicates (unlike `remember`): document chunks that overlap or repeat stay
+        one memory each, so a document's chunks are all there and go away with it.
+        """
+        check_namespace(namespace)
+        now = utcnow()
+        version = await bump_version(session, principal.tenant_id, namespace)
+        items = [
+            MemoryItem(
+                id=new_id("mem"),
+                key=random.getrandbits(62),
+                tenant_id=principal.tenant_id,
+                namespace=namespace,
+                text=text,
+                meta=dict(metadata),
+                embedding=np.asarray(vector, dtype="<f4").tobytes(),
+                model=embedded.model,
+                version=version,
+                created_at=now,
+                updated_at=now,
+            )
+            for text, metadata, vector in zip(texts, metadatas, embedded.vectors, strict=True)
+        ]
+        session.add_all(items)
+        await session.flush()
+        return items
+
     async def recall(
         self,
         session: AsyncSession,
