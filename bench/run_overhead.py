@@ -2,12 +2,13 @@
 
 One `soma serve` (fresh temp data dir, loopback, the real SmolLM2 model). Each round, in turn:
 (a) bare: `POST /v1/chat/completions` with the persona's system prompt and the user's message;
-(b) run: `POST /v1/sessions/{new session}/messages` (`stream: false`, waits for `run.completed`) with
+(b) run: `POST /v1/sessions/{new session}/messages` (`stream: false`, waits for `run.completed`; the
+    session is created before the clock starts) with
     a persona that has the same system prompt, no tools and memory off: so the model sees exactly
     the prompt of (a), and the run adds its bookkeeping (session claim, event log commits, history,
     run row, outbox events);
 (c) run + memory: the same with recall before and remember after (two embeddings, index search);
-(d) `model="agent:bench"` on the OpenAI endpoint (a session is created per call).
+(d) `model="agent:bench"` on the OpenAI endpoint (timed with the session it creates per call).
 Same sampling everywhere (temperature 0, seed 1, `max_tokens` 64); the script checks that (a) and (b)
 produced the same text. After one warm-up of each, rounds alternate so machine noise hits all of
 them. Reported: p50 wall time per variant, its ratio to (a)'s p50, and the median of the per-round
@@ -43,35 +44,39 @@ def persona(http: httpx.Client, name: str, memory: dict[str, Any]) -> None:
     response.raise_for_status()
 
 
-def bare(http: httpx.Client, sampling: dict[str, Any]) -> str:
+def bare(http: httpx.Client, sampling: dict[str, Any]) -> tuple[str, float]:
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}]
+    started = time.perf_counter()
     response = http.post(
         "/v1/chat/completions", json={"model": "smollm2-135m-instruct", "messages": messages, **sampling}
     )
     response.raise_for_status()
-    return str(response.json()["choices"][0]["message"]["content"])
+    return str(response.json()["choices"][0]["message"]["content"]), time.perf_counter() - started
 
 
-def agent_run(http: httpx.Client, name: str, sampling: dict[str, Any]) -> str:
-    session = http.post("/v1/sessions", json={"persona": name})
+def agent_run(http: httpx.Client, name: str, sampling: dict[str, Any]) -> tuple[str, float]:
+    session = http.post("/v1/sessions", json={"persona": name})  # not timed: a session outlives its runs
     session.raise_for_status()
+    started = time.perf_counter()
     response = http.post(
         f"/v1/sessions/{session.json()['id']}/messages", json={"content": PROMPT, "stream": False, **sampling}
     )
     response.raise_for_status()
     body = response.json()
+    seconds = time.perf_counter() - started
     if body["status"] != "completed":
         raise RuntimeError(f"run ended {body['status']}: {body['reason']}")
-    return str(body["answer"])
+    return str(body["answer"]), seconds
 
 
-def agent_chat(http: httpx.Client, sampling: dict[str, Any]) -> str:
+def agent_chat(http: httpx.Client, sampling: dict[str, Any]) -> tuple[str, float]:
+    started = time.perf_counter()  # includes creating the session it answers in
     response = http.post(
         "/v1/chat/completions",
         json={"model": "agent:bench", "messages": [{"role": "user", "content": PROMPT}], **sampling},
     )
     response.raise_for_status()
-    return str(response.json()["choices"][0]["message"]["content"])
+    return str(response.json()["choices"][0]["message"]["content"]), time.perf_counter() - started
 
 
 def main() -> None:
@@ -94,15 +99,13 @@ def main() -> None:
                 "agent run + memory recall/remember": lambda: agent_run(http, "bench-memory", sampling),
                 "agent:<persona> chat completion": lambda: agent_chat(http, sampling),
             }
-            texts = {name: call() for name, call in variants.items()}  # warm-up (model load, caches)
+            texts = {name: call()[0] for name, call in variants.items()}  # warm-up (model load, caches)
             if texts["bare chat completion"] != texts["agent run (no tools, memory off)"]:
                 raise RuntimeError(f"the run saw another prompt than the bare call: {texts}")
             times: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(args.rounds):
                 for name, call in variants.items():
-                    started = time.perf_counter()
-                    call()
-                    times[name].append(time.perf_counter() - started)
+                    times[name].append(call()[1])
     base = statistics.median(times["bare chat completion"])
     rows = []
     summary: dict[str, Any] = {}
