@@ -26,8 +26,10 @@ TERMINAL = frozenset({"run.completed", "run.failed"})
 # Ids jump this far after a run that died with its process: live deltas it had streamed were never
 # written, so their numbers must not be handed out again (a client may have seen them).
 SEQ_GAP_AFTER_CRASH = 1 << 20
-# How often a follower also looks at the database (for runs living in another process).
+# How often a follower also looks at the database (for runs living in another process): every
+# POLL_S while a run is active, backing off to IDLE_POLL_S on an idle session (a WebSocket left open).
 POLL_S = 0.5
+IDLE_POLL_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,7 @@ async def follow_events(
     Runs living in another process are followed by polling the database.
     """
     last = after
+    interval = POLL_S
     with streams.subscribe(session_id) as queue:
         while True:
             async with sessions() as db:
@@ -150,8 +153,9 @@ async def follow_events(
                     return
             if until_run is None and active is None and not forever:
                 return
-            # Wait for a live event; fall back to the database every POLL_S.
-            deadline = asyncio.get_running_loop().time() + POLL_S
+            interval = POLL_S if active is not None or backlog else min(interval * 2, IDLE_POLL_S)
+            # Wait for a live event; fall back to the database after `interval`.
+            deadline = asyncio.get_running_loop().time() + interval
             while True:
                 timeout = deadline - asyncio.get_running_loop().time()
                 if timeout <= 0:
@@ -166,7 +170,8 @@ async def follow_events(
                 yield event
                 if _ends(event, until_run):
                     return
-                deadline = asyncio.get_running_loop().time() + POLL_S
+                interval = POLL_S
+                deadline = asyncio.get_running_loop().time() + interval
 
 
 def _ends(event: RunEvent, until_run: str | None) -> bool:
