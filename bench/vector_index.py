@@ -1,16 +1,22 @@
-"""Embedded vector index candidates side by side in one run: latency, recall@10, build, RSS, save/load.
+"""Embedded vector index candidates side by side in one run: latency, recall@10, build, RSS, save/load,
+and whether each can share a process with llama.cpp.
 
-    .venv/bin/python bench/vector_index.py    # ~3.5 min on 2 cores; writes bench/results/vector_index.json
+    .venv/bin/python bench/vector_index.py              # ~8 min on 2 busy cores; bench/results/…json
+    .venv/bin/python bench/vector_index.py --coexist    # ~1 min: each engine + llama.cpp in one process
+    .venv/bin/python bench/vector_index.py --qdrant-url http://127.0.0.1:6333   # adds a Qdrant server
 
-Candidates: exact numpy (`ExactIndex`, the baseline), usearch (`UsearchIndex`, through the port),
-hnswlib, Qdrant Edge (`qdrant-edge-py`, in-process) and sqlite-vec (vec0 table, loaded into apsw's SQLite
-because this Python's sqlite3 cannot load extensions). Each is built at 10k and 100k 384-d unit vectors
-from a clustered generator whose neighbour statistics are calibrated against real MiniLM embeddings
-(random Gaussian vectors are pathological for ANN), then checked on 5k real all-MiniLM-L6-v2
-embeddings of generated sentences. Latency is one query at a time on one thread, k=10, query embedding
-excluded; numpy's BLAS is pinned to one thread, as it is in `soma serve` once the embedder is loaded.
-A last section measures the per-namespace layout (one index per tenant) against one shared index with
-the tenant filter enforced inside the adapter.
+Candidates: int8 scan + exact re-rank (`Int8Index`, the server's default), exact numpy (`ExactIndex`,
+the baseline), usearch (`UsearchIndex`), all through the port; hnswlib, voyager, Qdrant Edge
+(`qdrant-edge-py`, in-process) and sqlite-vec (vec0 table, loaded into apsw's SQLite because this
+Python's sqlite3 cannot load extensions); and `QdrantIndex` through qdrant-client: against a server
+when `--qdrant-url` is given, else in qdrant-client's local mode at 10k only (a pure-Python scan, which
+says nothing about a server's speed). Each is built at 10k and 100k 384-d unit vectors from a clustered
+generator whose neighbour statistics are calibrated against real MiniLM embeddings (random Gaussian
+vectors are pathological for ANN), then checked on 5k real all-MiniLM-L6-v2 embeddings of generated
+sentences. Latency is one query at a time on one thread, k=10, query embedding excluded; numpy's BLAS
+is pinned to one thread, as it is in `soma serve` once the embedder is loaded. A last section measures
+the per-namespace layout (one index per tenant) against one shared index with the tenant filter
+enforced inside the adapter.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ import argparse
 import gc
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +39,8 @@ import numpy as np
 import numpy.typing as npt
 
 from common import machine, markdown_table, percentile, write_results
-from somaagent.memory.index import ExactIndex, UsearchIndex
+from somaagent.memory.index import ExactIndex, Int8Index, UsearchIndex
+from somaagent.memory.qdrant_index import QdrantIndex, QdrantStore
 from somaagent.models.providers.minilm import MiniLMEmbedder, set_blas_threads
 
 F32 = npt.NDArray[np.float32]
@@ -38,6 +48,7 @@ DIM = 384
 K = 10
 BATCH = 10_000  # rows per insert call: a rebuild streams pages from the DB
 M, EF_ADD, EF_SEARCH = 16, 128, 128  # the same graph parameters for every HNSW engine
+SHIPPED = "int8"  # the server's default (`SOMA_MEMORY_INDEX`)
 
 
 def rss_mb() -> float:
@@ -185,12 +196,19 @@ class Candidate(Protocol):
     def close(self) -> None: ...
 
 
+PORT_ADAPTERS: dict[str, type[Int8Index | ExactIndex | UsearchIndex]] = {
+    "int8": Int8Index,
+    "exact": ExactIndex,
+    "usearch": UsearchIndex,
+}
+
+
 class PortCandidate:
-    """ExactIndex or UsearchIndex through the `VectorIndex` port (the code that ships)."""
+    """Int8Index, ExactIndex or UsearchIndex through the `VectorIndex` port (the code that ships)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.index: ExactIndex | UsearchIndex = ExactIndex(DIM) if kind == "exact" else UsearchIndex(DIM)
+        self.index = PORT_ADAPTERS[kind](DIM)
 
     def insert(self, keys: npt.NDArray[np.uint64], vectors: F32) -> None:
         self.index.upsert(keys, vectors)
@@ -206,11 +224,48 @@ class PortCandidate:
         t0 = time.perf_counter()
         self.index.save(path)
         t1 = time.perf_counter()
-        self.index = ExactIndex.load(path, DIM) if self.kind == "exact" else UsearchIndex.load(path, DIM)
+        self.index = PORT_ADAPTERS[self.kind].load(path, DIM)
         return t1 - t0, time.perf_counter() - t1
 
     def close(self) -> None:
         del self.index
+
+
+class QdrantCandidate:
+    """`QdrantIndex` through the port: a server at `url`, or qdrant-client's local mode in `workdir`."""
+
+    def __init__(self, workdir: Path, url: str | None) -> None:
+        self.url, self.path = url, str(workdir / "qdrant-local")
+        # A fresh collection per run, so repeated runs against one server never see old points.
+        self.prefix = f"soma_bench_{time.time_ns()}"
+        self.store = QdrantStore(url=url, path=None if url else self.path, collection_prefix=self.prefix)
+        self.index = QdrantIndex(self.store, "bench", "bench", DIM)
+
+    def insert(self, keys: npt.NDArray[np.uint64], vectors: F32) -> None:
+        self.index.upsert(keys, vectors)
+
+    def finish(self) -> None:
+        pass
+
+    def query(self, q: F32) -> list[int]:
+        return [h.id for h in self.index.search(q, K)]
+
+    def save_load(self, workdir: Path) -> tuple[float, float]:
+        # The server (or the local store) persists every write; "load" is a new client's first query.
+        t0 = time.perf_counter()
+        self.store.close()
+        t1 = time.perf_counter()
+        self.store = QdrantStore(
+            url=self.url, path=None if self.url else self.path, collection_prefix=self.prefix
+        )
+        self.index = QdrantIndex(self.store, "bench", "bench", DIM)
+        self.query(np.full(DIM, 1 / np.sqrt(DIM), dtype=np.float32))
+        return t1 - t0, time.perf_counter() - t1
+
+    def close(self) -> None:
+        with self.store.client() as client:
+            client.delete_collection(f"{self.prefix}_{DIM}")
+        self.store.close()
 
 
 class HnswlibCandidate:
@@ -243,6 +298,38 @@ class HnswlibCandidate:
         self.index = hnswlib.Index(space="ip", dim=DIM)
         self.index.load_index(path)
         self.finish()
+        return t1 - t0, time.perf_counter() - t1
+
+    def close(self) -> None:
+        del self.index
+
+
+class VoyagerCandidate:
+    """Spotify's voyager (hnswlib's algorithm, manylinux wheels, resizes itself) with the same M / ef."""
+
+    def __init__(self) -> None:
+        from voyager import Index, Space
+
+        self.index = Index(Space.InnerProduct, num_dimensions=DIM, M=M, ef_construction=EF_ADD)
+
+    def insert(self, keys: npt.NDArray[np.uint64], vectors: F32) -> None:
+        self.index.add_items(vectors, keys.tolist())
+
+    def finish(self) -> None:
+        pass
+
+    def query(self, q: F32) -> list[int]:
+        ids, _ = self.index.query(q, K, query_ef=EF_SEARCH)
+        return [int(x) for x in ids]
+
+    def save_load(self, workdir: Path) -> tuple[float, float]:
+        from voyager import Index
+
+        path = str(workdir / "voyager.bin")
+        t0 = time.perf_counter()
+        self.index.save(path)
+        t1 = time.perf_counter()
+        self.index = Index.load(path)
         return t1 - t0, time.perf_counter() - t1
 
     def close(self) -> None:
@@ -416,20 +503,20 @@ def exact_truth(base: F32, queries: F32) -> npt.NDArray[np.intp]:
 
 
 def namespaces(base: F32, queries: F32, tenants: int) -> dict[str, Any]:
-    """Per-tenant indexes vs one shared index filtered inside the adapter, same vectors and queries."""
+    """Per-tenant indexes vs one shared index filtered inside the adapter (the shipped Int8Index)."""
     per = len(base) // tenants
     owner = np.arange(len(base)) % tenants  # tenant t owns keys t, t+tenants, ...
     keys = np.arange(len(base), dtype=np.uint64)
     gc.collect()
     rss0 = rss_mb()
     t0 = time.perf_counter()
-    own = [UsearchIndex(DIM) for _ in range(tenants)]
+    own = [Int8Index(DIM) for _ in range(tenants)]
     for t in range(tenants):
         own[t].upsert(keys[owner == t], base[owner == t])
     build_own = time.perf_counter() - t0
     rss_own = rss_mb() - rss0
     t0 = time.perf_counter()
-    shared = UsearchIndex(DIM)
+    shared = Int8Index(DIM)
     for s in range(0, len(base), BATCH):
         shared.upsert(keys[s : s + BATCH], base[s : s + BATCH])
     build_shared = time.perf_counter() - t0
@@ -450,7 +537,7 @@ def namespaces(base: F32, queries: F32, tenants: int) -> dict[str, Any]:
     # Fixed cost of a namespace: 1,000 indexes of 10 vectors each.
     gc.collect()
     r0 = rss_mb()
-    small = [UsearchIndex(DIM) for _ in range(1000)]
+    small = [Int8Index(DIM) for _ in range(1000)]
     for ix in small:
         ix.upsert(np.arange(10), base[:10])
     per_namespace_kb = (rss_mb() - r0) * 1024 / 1000
@@ -471,6 +558,110 @@ def namespaces(base: F32, queries: F32, tenants: int) -> dict[str, Any]:
     }
 
 
+# One engine, then llama.cpp loading SmolLM2 and generating, in a fresh interpreter; "model-first"
+# loads the model before the engine and again after it (usearch broke the load that follows it).
+COEXIST_PROBE = textwrap.dedent(
+    """
+    import sys, tempfile
+    import numpy as np
+
+    def engine(name):
+        x = np.random.default_rng(0).standard_normal((2000, 384)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        if name in ("int8", "exact", "usearch"):
+            from somaagent.memory import index
+            kinds = {"int8": index.Int8Index, "exact": index.ExactIndex, "usearch": index.UsearchIndex}
+            ix = kinds[name](384)
+            ix.upsert(range(2000), x)
+            return ix.search(x[7], 3)[0].id
+        if name == "hnswlib":
+            import hnswlib
+            ix = hnswlib.Index(space="ip", dim=384)
+            ix.init_index(max_elements=2000, M=16, ef_construction=128)
+            ix.add_items(x, np.arange(2000))
+            return int(ix.knn_query(x[7], 3)[0][0][0])
+        if name == "voyager":
+            from voyager import Index, Space
+            ix = Index(Space.InnerProduct, num_dimensions=384)
+            ix.add_items(x, list(range(2000)))
+            return int(ix.query(x[7], 3)[0][0])
+        if name == "qdrant-edge":
+            import qdrant_edge as qe
+            shard = qe.EdgeShard.create(
+                tempfile.mkdtemp(),
+                qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=384, distance=qe.Distance.Dot)),
+            )
+            shard.update(qe.UpdateOperation.upsert_points([qe.Point(i, v) for i, v in enumerate(x.tolist())]))
+            shard.optimize()
+            return int(shard.query(qe.QueryRequest(limit=3, query=qe.Query.Nearest(x[7].tolist())))[0].id)
+        if name == "qdrant-client":
+            from somaagent.memory.qdrant_index import QdrantIndex, QdrantStore
+            ix = QdrantIndex(QdrantStore(path=":memory:"), "t", "n", 384)
+            ix.upsert(range(2000), x)
+            return ix.search(x[7], 3)[0].id
+        if name == "sqlite-vec":
+            import apsw, sqlite_vec
+            db = apsw.Connection(":memory:")
+            db.enable_load_extension(True)
+            db.load_extension(sqlite_vec.loadable_path())
+            db.execute("CREATE VIRTUAL TABLE v USING vec0(e float[384])")
+            rows = ((i, r.tobytes()) for i, r in enumerate(x))
+            db.executemany("INSERT INTO v(rowid, e) VALUES (?, ?)", rows)
+            sql = "SELECT rowid FROM v WHERE e MATCH ? AND k = 3 ORDER BY distance"
+            return next(iter(db.execute(sql, (x[7].tobytes(),))))[0]
+        raise SystemExit(f"unknown engine {name}")
+
+    def model():
+        from llama_cpp import Llama
+        from somaagent.models.providers.llamacpp import default_gguf_path
+        llm = Llama(model_path=str(default_gguf_path()), n_ctx=256, n_threads=1, verbose=False)
+        return llm("The capital of France is", max_tokens=4, temperature=0)["choices"][0]["text"]
+
+    name, order = sys.argv[1], sys.argv[2]
+    if order == "model-first":
+        model()
+    assert engine(name) == 7
+    print(repr(model()))
+    """
+)
+COEXIST_ENGINES = [
+    "int8",
+    "exact",
+    "usearch",
+    "hnswlib",
+    "voyager",
+    "qdrant-edge",
+    "qdrant-client",
+    "sqlite-vec",
+]
+
+
+def coexist_table() -> None:
+    """Print, per engine and import order, whether llama.cpp still loads and runs SmolLM2 afterwards."""
+    rows = []
+    for name in COEXIST_ENGINES:
+        row = [name]
+        for order in ("engine-first", "model-first"):
+            done = subprocess.run(
+                [sys.executable, "-c", COEXIST_PROBE, name, order],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            last = (done.stderr.strip().splitlines() or [""])[-1]
+            row.append(f"ok {done.stdout.strip()}" if done.returncode == 0 else f"FAILS: {last[:90]}")
+        rows.append(row)
+        print(f"  {row}", flush=True)
+    print()
+    print(markdown_table(["engine", "engine, then llama.cpp", "llama.cpp, engine, llama.cpp again"], rows))
+    headers = ["engine", "engine-first", "model-first"]
+    path = write_results(
+        "vector_index_coexist",
+        {"machine": machine(), "rows": [dict(zip(headers, r, strict=True)) for r in rows]},
+    )
+    print(f"wrote {path}")
+
+
 def main() -> None:
     """Run every candidate at 10k and 100k clustered vectors, then on real MiniLM embeddings."""
     parser = argparse.ArgumentParser(
@@ -480,7 +671,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--real", type=int, default=5000, help="real sentences to embed (0 to skip)")
     parser.add_argument("--skip", default="", help="comma-separated engines to leave out")
+    parser.add_argument("--qdrant-url", default=None, help="also measure QdrantIndex on this server")
+    parser.add_argument("--coexist", action="store_true", help="only check each engine beside llama.cpp")
     args = parser.parse_args()
+    if args.coexist:
+        coexist_table()
+        return
     started = time.perf_counter()
     set_blas_threads(1)  # as in `soma serve`, where loading the embedder pins OpenBLAS to one thread
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -490,11 +686,17 @@ def main() -> None:
     def engines(n: int) -> dict[str, Callable[[Path], Candidate]]:
         table: dict[str, Callable[[Path], Candidate]] = {
             "exact-numpy": lambda _: PortCandidate("exact"),
+            "int8": lambda _: PortCandidate("int8"),
             "usearch": lambda _: PortCandidate("usearch"),
             "hnswlib": lambda _: HnswlibCandidate(n),
+            "voyager": lambda _: VoyagerCandidate(),
             "qdrant-edge": QdrantEdgeCandidate,
             "sqlite-vec": SqliteVecCandidate,
         }
+        if args.qdrant_url:
+            table["qdrant-server"] = lambda w: QdrantCandidate(w, args.qdrant_url)
+        elif n <= 10_000:  # local mode checks the payload filter in Python per point: minutes at 100k
+            table["qdrant-local"] = lambda w: QdrantCandidate(w, None)
         return {k: v for k, v in table.items() if k not in skip}
 
     rows: list[Row] = []
@@ -534,7 +736,7 @@ def main() -> None:
             [
                 r.dataset,
                 f"{r.n:,}",
-                f"**{r.engine}**" if r.engine == "usearch" else r.engine,
+                f"**{r.engine}**" if r.engine == SHIPPED else r.engine,
                 f"{r.build_s:.2f}",
                 f"{r.rss_mb:.0f}",
                 f"{r.p50_ms:.3f}",
@@ -578,7 +780,7 @@ def main() -> None:
             ],
             [
                 [
-                    "one usearch index per tenant",
+                    "one int8 index per tenant",
                     f"{ns['per_tenant_build_s']:.2f}",
                     f"{ns['per_tenant_p50_ms']:.3f}",
                     f"{ns['per_tenant_p95_ms']:.3f}",

@@ -39,7 +39,12 @@ def main_server_env() -> dict[str, str]:
             "timeout_s": 3,
         },
     ]
-    return {"SOMA_EXTRA_MODELS": json.dumps(extra), "SOMA_MODEL_QUEUE": "2", "SOMA_LAST_USED_FLUSH_S": "0.3"}
+    return {
+        "SOMA_EXTRA_MODELS": json.dumps(extra),
+        "SOMA_MODEL_QUEUE": "2",
+        "SOMA_LAST_USED_FLUSH_S": "0.3",
+        "SOMA_MCP_HTTP_ALLOWLIST": json.dumps([f"127.0.0.1:{free_port()}"]),  # tests/tools/test_mcp.py
+    }
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

@@ -73,8 +73,21 @@ class Settings(BaseSettings):
 
     # Memory.
     memory_embedding_model: str = "all-minilm-l6-v2"
-    # usearch cannot share a process with llama.cpp (see memory/index.py): exact unless no local model.
-    memory_index: Literal["exact", "usearch"] = "exact"
+    # int8: exact top-k from an int8 scan re-ranked in float32 (4-5.5 ms p95 at 100k, bench/README.md
+    # §5). usearch cannot share a process with llama.cpp (see memory/index.py); qdrant is the server.
+    memory_index: Literal["int8", "exact", "usearch", "qdrant"] = "int8"
+    qdrant_url: str | None = Field(
+        default=None, description="Qdrant server for SOMA_MEMORY_INDEX=qdrant, e.g. http://127.0.0.1:6333."
+    )
+    qdrant_api_key: str | None = Field(default=None, repr=False, description="Qdrant API key, if it has one.")
+    qdrant_path: str | None = Field(
+        default=None,
+        description="qdrant-client's local mode in this directory (or :memory:) instead of a server; it is "
+        "a pure-Python scan, for trials and tests only.",
+    )
+    qdrant_collection_prefix: str = Field(
+        default="soma_memory", description="Collections are named PREFIX_<dimensions>."
+    )
     memory_duplicate_threshold: float = Field(default=0.95, ge=0, le=1)
     memory_recency_weight: float = Field(default=0.1, ge=0, le=1)
     memory_half_life_days: float = Field(default=30.0, gt=0)
@@ -107,6 +120,14 @@ class Settings(BaseSettings):
     agent_run_stale_s: float = Field(
         default=30.0, gt=0, description="A running run not marked alive for this long died with its process."
     )
+
+    # MCP servers.
+    mcp_http_allowlist: list[str] = Field(
+        default_factory=list,
+        description="host[:port] of streamable-HTTP MCP servers tenants may register at private addresses.",
+    )
+    mcp_call_timeout_s: float = Field(default=30.0, gt=0, description="One MCP request (list or call).")
+    mcp_max_connections: int = Field(default=64, ge=1, description="MCP sessions kept open per process.")
 
     # HTTP edge.
     max_body_bytes: int = 4 * 1024 * 1024

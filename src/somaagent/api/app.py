@@ -18,7 +18,8 @@ from somaagent.agents.event_log import LiveStreams
 from somaagent.agents.loop import AgentDeps
 from somaagent.agents.runs import RunEngine, RunSettings
 from somaagent.analytics.usage import UsageConsumer
-from somaagent.api import health, personas, tools, usage
+from somaagent.api import health, memory_documents, personas, tools, usage
+from somaagent.api import mcp_servers as mcp_servers_api
 from somaagent.api import memory as memory_api
 from somaagent.api import sessions as sessions_api
 from somaagent.api.admin import keys, profiles, tenants
@@ -37,8 +38,9 @@ from somaagent.events.outbox import BufferedEmitter
 from somaagent.events.relay import OutboxRelay
 from somaagent.events.schemas import MODEL_USAGE
 from somaagent.identity.authenticator import KeyAuthenticator
-from somaagent.memory.index import ExactIndex, UsearchIndex
+from somaagent.memory.index import ExactIndex, Int8Index, UsearchIndex
 from somaagent.memory.indexes import IndexFactory, SyncedIndexes
+from somaagent.memory.qdrant_index import QdrantIndex, QdrantStore
 from somaagent.memory.ranking import Ranking
 from somaagent.memory.service import DEFAULT_NAMESPACE, MemoryService, MemorySettings
 from somaagent.models.catalog import CatalogEntry, ModelCatalog
@@ -54,6 +56,9 @@ from somaagent.observability.logs import configure_logging
 from somaagent.observability.metrics import Metrics
 from somaagent.tools.builtins import builtin_tools, signing_key_from_secret
 from somaagent.tools.manifest import trusted_keys_from
+from somaagent.tools.mcp_client import McpConnections
+from somaagent.tools.mcp_servers import McpAccess
+from somaagent.tools.mcp_servers import registry_source as mcp_tools
 from somaagent.tools.registry import ToolContext, ToolRegistry
 
 Check = Callable[[], Awaitable[None]]
@@ -108,17 +113,36 @@ def build_catalog(
     return ModelCatalog(entries), clients, checks
 
 
-def _index_factory(settings: Settings) -> IndexFactory:
+def _index_factory(settings: Settings, closers: list[Callable[[], None]]) -> IndexFactory:
+    """The vector index adapter chosen by `SOMA_MEMORY_INDEX`; what must be closed at shutdown goes to
+    `closers`."""
+    if settings.memory_index == "int8":
+        return lambda _tenant, _namespace, dimensions: Int8Index(dimensions)
     if settings.memory_index == "exact":
-        return ExactIndex
+        return lambda _tenant, _namespace, dimensions: ExactIndex(dimensions)
+    if settings.memory_index == "qdrant":
+        if not (settings.qdrant_url or settings.qdrant_path):
+            raise ValueError(
+                "SOMA_MEMORY_INDEX=qdrant needs SOMA_QDRANT_URL (e.g. http://127.0.0.1:6333), or "
+                "SOMA_QDRANT_PATH for qdrant-client's local mode."
+            )
+        store = QdrantStore(
+            url=settings.qdrant_url,
+            api_key=settings.qdrant_api_key,
+            path=None if settings.qdrant_url else settings.qdrant_path,
+            collection_prefix=settings.qdrant_collection_prefix,
+        )
+        closers.append(store.close)
+        return lambda tenant, namespace, dimensions: QdrantIndex(store, tenant, namespace, dimensions)
     local = [spec.id for spec in settings.catalog if spec.provider == "llamacpp"]
     if local:
         raise ValueError(
             f"SOMA_MEMORY_INDEX=usearch cannot run beside the local llama.cpp model(s) {local}: usearch's "
             "bundled C++ runtime stops llama.cpp from loading models in the same process. Use "
-            "SOMA_MEMORY_INDEX=exact, or serve chat models from an upstream (SOMA_MODELS without llamacpp)."
+            "SOMA_MEMORY_INDEX=int8 (the default), or serve chat models from an upstream (SOMA_MODELS "
+            "without llamacpp)."
         )
-    return UsearchIndex
+    return lambda _tenant, _namespace, dimensions: UsearchIndex(dimensions)
 
 
 def _path(spec: ModelSpec) -> Path | None:
@@ -168,13 +192,17 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     async def embed_for_memory(principal: Principal, texts: list[str]) -> Embeddings:
         return await router.embed(principal, settings.memory_embedding_model, texts)
 
+    index_closers: list[Callable[[], None]] = []
     memory = MemoryService(
         embed_for_memory,
-        SyncedIndexes(_index_factory(settings)),
+        SyncedIndexes(_index_factory(settings, index_closers)),
         MemorySettings(
             duplicate_threshold=settings.memory_duplicate_threshold,
             ranking=Ranking(settings.memory_recency_weight, settings.memory_half_life_days),
         ),
+    )
+    documents, document_worker = memory_documents.build_documents(
+        settings, sessions, memory, embed_for_memory
     )
     signing_key = signing_key_from_secret(secret)
     tool_registry = ToolRegistry(trusted_keys_from(signing_key.public_key()))
@@ -188,6 +216,13 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
 
     for tool in builtin_tools(signing_key, search_memory):
         tool_registry.register(tool)
+    mcp = McpAccess(
+        McpConnections(max_connections=settings.mcp_max_connections),
+        signing_key,
+        tuple(settings.mcp_http_allowlist),
+        settings.mcp_call_timeout_s,
+    )
+    tool_registry.add_dynamic(mcp_tools(mcp))  # each tenant's pinned MCP tools, `mcp.<server>.<tool>`
 
     def meter_agent_call(
         principal: Principal,
@@ -241,12 +276,17 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         metrics=metrics,
         profiles=profile_cache,
         memory=memory,
+        documents=documents,
+        document_worker=document_worker,
         tools=tool_registry,
         agents=agents,
+        mcp=mcp,
         http_clients=clients,
         readiness=checks,
         started_at=int(time.time()),
     )
+
+    document_worker.on_usage = memory_documents.usage_recorder(services)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -256,10 +296,15 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         relay.start()
         emitter.start()
         agents.start()
+        document_worker.start()
         try:
             yield
         finally:
+            await document_worker.close()
             await agents.close()
+            await mcp.connections.close()
+            for close_index in index_closers:
+                await asyncio.to_thread(close_index)
             await emitter.close()
             await relay.close()
             await services.authenticator.close()
@@ -277,9 +322,10 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     app.state.services = services
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
+    app.include_router(memory_documents.router)  # before memory_api, whose /{memory_id} would match it
     for module in (chat, embeddings, models, tenants, keys, profiles, usage, memory_api, personas, tools):
         app.include_router(module.router)
-    for module in (sessions_api, health):
+    for module in (sessions_api, mcp_servers_api, health):
         app.include_router(module.router)
     app.add_middleware(
         EdgeMiddleware,

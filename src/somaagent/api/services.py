@@ -13,12 +13,15 @@ from somaagent.events.bus import InProcessBus
 from somaagent.events.outbox import BufferedEmitter
 from somaagent.events.relay import OutboxRelay
 from somaagent.identity.authenticator import KeyAuthenticator
+from somaagent.memory.document_worker import DocumentWorker
+from somaagent.memory.documents import DocumentIngest
 from somaagent.memory.service import MemoryService
 from somaagent.models.catalog import ModelCatalog
 from somaagent.models.profiles import ProfileCache
 from somaagent.models.providers.upstream_http import UpstreamClient
 from somaagent.models.router import ModelRouter
 from somaagent.observability.metrics import Metrics
+from somaagent.tools.mcp_servers import McpAccess
 from somaagent.tools.registry import ToolRegistry
 
 
@@ -39,8 +42,11 @@ class Services:
     metrics: Metrics
     profiles: ProfileCache
     memory: MemoryService
+    documents: DocumentIngest
+    document_worker: DocumentWorker
     tools: ToolRegistry
     agents: RunEngine
+    mcp: McpAccess
     http_clients: list[UpstreamClient] = field(default_factory=list)
     readiness: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
     started_at: int = 0

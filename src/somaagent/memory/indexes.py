@@ -4,6 +4,7 @@ The database is the source of truth; an index is a cache of it. Before each sear
 the rows whose namespace version is above the last one it applied (new, changed and soft-deleted
 memories), so every worker and replica answers from what is committed, and a fresh process rebuilds
 its indexes from the database on first use (`soma memory reindex` is therefore a restart of that).
+Every index call runs in a worker thread: a server-backed index (Qdrant) does network I/O in each.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from somaagent.memory.index import Hit, VectorIndex
 from somaagent.memory.tables import MemoryItem
 
-IndexFactory = Callable[[int], VectorIndex]
+# (tenant_id, namespace, dimensions) -> the index for that namespace; embedded adapters ignore the
+# scope (each gets its own object), a shared server index filters by it.
+IndexFactory = Callable[[str, str, int], VectorIndex]
 
 
 class _Entry:
@@ -41,11 +44,10 @@ class SyncedIndexes:
         """Top `k` keys of this tenant's namespace after catching up with the database."""
         entry = self._entries.get((tenant_id, namespace))
         if entry is None:
-            entry = self._entries.setdefault((tenant_id, namespace), _Entry(self._factory(len(query))))
+            index = self._factory(tenant_id, namespace, len(query))
+            entry = self._entries.setdefault((tenant_id, namespace), _Entry(index))
         async with entry.lock:
             await self._catch_up(session, tenant_id, namespace, entry)
-            if entry.index.count() == 0:
-                return []
             return await asyncio.to_thread(entry.index.search, query, k)
 
     async def _catch_up(self, session: AsyncSession, tenant_id: str, namespace: str, entry: _Entry) -> None:
@@ -65,7 +67,7 @@ class SyncedIndexes:
         gone = [key for key, _, deleted, _ in rows if deleted is not None]
         live = [(key, vector) for key, vector, deleted, _ in rows if deleted is None]
         if gone:
-            entry.index.remove(gone)
+            await asyncio.to_thread(entry.index.remove, gone)
         if live:
             keys = [key for key, _ in live]
             matrix = np.frombuffer(b"".join(vector for _, vector in live), dtype="<f4").reshape(len(live), -1)
