@@ -5,7 +5,10 @@ from __future__ import annotations
 import time
 
 import httpx
+from alembic.script import ScriptDirectory
 
+from somaagent.db import migrate
+from tests.db.test_migrations import HEAD
 from tests.support.postgres import create_database, drop_database
 from tests.support.processes import SomaServer, start_soma
 
@@ -126,4 +129,5 @@ def test_chat_without_a_key_or_server_says_how_to_fix_it(server: SomaServer) -> 
 def test_migrate_reports_the_revision(server: SomaServer) -> None:
     run = server.soma("migrate")
     assert run.returncode == 0, run.stderr
-    assert "revision 0002" in run.stdout
+    head = ScriptDirectory.from_config(migrate.alembic_config("sqlite://")).get_current_head()
+    assert head == HEAD and f"revision {head}" in run.stdout

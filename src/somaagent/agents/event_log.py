@@ -93,9 +93,14 @@ class LiveStreams:
         for queue in self._queues.get(event.session_id, ()):
             queue.put_nowait(event)
 
-    def run_ended(self, session_id: str) -> None:
-        """Forget the live deltas of the session's run (its durable events hold everything now)."""
-        self._live.pop(session_id, None)
+    def run_ended(self, session_id: str, run_id: str) -> None:
+        """Forget the live deltas of a run (its durable events hold everything now); a run started
+        on the session since keeps its own."""
+        left = [e for e in self._live.get(session_id, ()) if e.run_id != run_id]
+        if left:
+            self._live[session_id] = left
+        else:
+            self._live.pop(session_id, None)
 
     def live_after(self, session_id: str, after: int) -> list[RunEvent]:
         """Deltas of the session's running run with seq > `after`."""

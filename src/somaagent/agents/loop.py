@@ -103,14 +103,16 @@ class RunState:
         }
 
     def run_columns(self) -> dict[str, Any]:
-        """The run row's progress columns."""
-        return {
+        """The run row's progress columns (the model only once one answered: it names the one that did)."""
+        columns: dict[str, Any] = {
             "steps": self.steps,
             "tool_calls": self.tool_calls,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
-            "model": self.model_used,
         }
+        if self.model_used is not None:
+            columns["model"] = self.model_used
+        return columns
 
 
 @dataclass(frozen=True, slots=True)

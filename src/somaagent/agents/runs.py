@@ -256,7 +256,7 @@ class RunEngine:
             log.exception("run %s failed", recorder.run_id)
             await self._fail(state, "internal_error", f"the run failed (run id {recorder.run_id})", started)
         finally:
-            self.streams.run_ended(recorder.session_id)
+            self.streams.run_ended(recorder.session_id, recorder.run_id)
             self._tasks.pop(recorder.run_id, None)
 
     async def _remember(self, state: RunState, answer: str) -> None:

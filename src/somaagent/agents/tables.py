@@ -57,7 +57,10 @@ class AgentMessage(TenantMixin, Base):
     """One turn the model sees again next time: user, assistant (maybe with tool calls) or tool result."""
 
     __tablename__ = "agent_messages"
-    __table_args__ = (Index("ix_agent_messages_session_seq", "session_id", "seq"),)
+    __table_args__ = (
+        Index("ix_agent_messages_session_seq", "session_id", "seq"),
+        Index("ix_agent_messages_run", "run_id"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     session_id: Mapped[str] = mapped_column(String(40))
@@ -76,7 +79,11 @@ class AgentRun(TenantMixin, Base):
     """One answer to one user message: its status, why it ended, what it cost."""
 
     __tablename__ = "agent_runs"
-    __table_args__ = (Index("ix_agent_runs_session", "session_id", "id"),)
+    __table_args__ = (
+        Index("ix_agent_runs_session", "session_id", "id"),
+        # The heartbeat's sweep for runs whose process died.
+        Index("ix_agent_runs_status_heartbeat", "status", "heartbeat_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     session_id: Mapped[str] = mapped_column(String(40))

@@ -50,6 +50,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_agent_messages")),
     )
     with op.batch_alter_table("agent_messages", schema=None) as batch_op:
+        batch_op.create_index("ix_agent_messages_run", ["run_id"], unique=False)
         batch_op.create_index("ix_agent_messages_session_seq", ["session_id", "seq"], unique=False)
         batch_op.create_index(batch_op.f("ix_agent_messages_tenant_id"), ["tenant_id"], unique=False)
 
@@ -74,6 +75,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("agent_runs", schema=None) as batch_op:
         batch_op.create_index("ix_agent_runs_session", ["session_id", "id"], unique=False)
+        batch_op.create_index("ix_agent_runs_status_heartbeat", ["status", "heartbeat_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_agent_runs_tenant_id"), ["tenant_id"], unique=False)
 
     op.create_table(
@@ -161,12 +163,14 @@ def downgrade() -> None:
     op.drop_table("agent_sessions")
     with op.batch_alter_table("agent_runs", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_agent_runs_tenant_id"))
+        batch_op.drop_index("ix_agent_runs_status_heartbeat")
         batch_op.drop_index("ix_agent_runs_session")
 
     op.drop_table("agent_runs")
     with op.batch_alter_table("agent_messages", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_agent_messages_tenant_id"))
         batch_op.drop_index("ix_agent_messages_session_seq")
+        batch_op.drop_index("ix_agent_messages_run")
 
     op.drop_table("agent_messages")
     with op.batch_alter_table("agent_events", schema=None) as batch_op:
