@@ -138,45 +138,36 @@ async def follow_events(
     """
     last = after
     interval = POLL_S
+    live: list[RunEvent] | None = None  # None: look at the database this round
     with streams.subscribe(session_id) as queue:
         while True:
-            async with sessions() as db:
-                backlog = await read_events(db, tenant_id, session_id, last)
-                active = await db.scalar(
-                    select(AgentSession.active_run_id).where(
-                        AgentSession.tenant_id == tenant_id, AgentSession.id == session_id
+            if live is None:
+                async with sessions() as db:
+                    events = await read_events(db, tenant_id, session_id, last)
+                    active = await db.scalar(
+                        select(AgentSession.active_run_id).where(
+                            AgentSession.tenant_id == tenant_id, AgentSession.id == session_id
+                        )
                     )
-                )
-            backlog += streams.live_after(session_id, last)
-            backlog.sort(key=lambda e: e.seq)
-            for event in backlog:
+                events += streams.live_after(session_id, last)
+                events.sort(key=lambda e: e.seq)
+                interval = POLL_S if active is not None or events else min(interval * 2, IDLE_POLL_S)
+            else:
+                events, interval = live, POLL_S
+            for event in events:
                 if event.seq <= last:
                     continue
                 last = event.seq
                 yield event
                 if _ends(event, until_run):
                     return
-            if until_run is None and active is None and not forever:
+            if live is None and until_run is None and active is None and not forever:
                 return
-            interval = POLL_S if active is not None or backlog else min(interval * 2, IDLE_POLL_S)
-            # Wait for a live event; fall back to the database after `interval`.
-            deadline = asyncio.get_running_loop().time() + interval
-            while True:
-                timeout = deadline - asyncio.get_running_loop().time()
-                if timeout <= 0:
-                    break
-                try:
-                    event = await asyncio.wait_for(queue.get(), timeout)
-                except TimeoutError:
-                    break
-                if event.seq <= last:
-                    continue
-                last = event.seq
-                yield event
-                if _ends(event, until_run):
-                    return
-                interval = POLL_S
-                deadline = asyncio.get_running_loop().time() + interval
+            # The next live event, or after `interval` a look at the database.
+            try:
+                live = [await asyncio.wait_for(queue.get(), interval)]
+            except TimeoutError:
+                live = None
 
 
 def _ends(event: RunEvent, until_run: str | None) -> bool:
