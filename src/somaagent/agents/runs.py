@@ -14,25 +14,24 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.agents.context import Conversation
-from somaagent.agents.event_log import SEQ_GAP_AFTER_CRASH, LiveStreams
+from somaagent.agents.event_log import LiveStreams
 from somaagent.agents.loop import AgentDeps, RunInput, RunState, RunStopped, drive
 from somaagent.agents.personas import PersonaSpec, get_persona
 from somaagent.agents.recorder import Pending, RunRecorder
+from somaagent.agents.recovery import mark_interrupted, stale_runs
 from somaagent.agents.schemas import ForcedTool, MessageIn
 from somaagent.agents.sessions import as_message, get_session, history_rows
-from somaagent.agents.tables import AgentEvent, AgentRun, AgentSession
+from somaagent.agents.tables import AgentRun, AgentSession
 from somaagent.core.clock import utcnow
 from somaagent.core.errors import Conflict, InvalidRequest, NotFound, SomaError
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import add_event
 from somaagent.events.schemas import CONVERSATION_EVENTS, Event
 from somaagent.models.messages import ToolChoice, Usage
 
@@ -394,14 +393,7 @@ class RunEngine:
                 task.cancel()
 
     async def _sweep(self) -> None:
-        cutoff = utcnow() - timedelta(seconds=self._settings.stale_s)
-        async with self._sessions() as db:
-            stale = (
-                await db.scalars(
-                    select(AgentRun.id).where(AgentRun.status == "running", AgentRun.heartbeat_at < cutoff)
-                )
-            ).all()
-        for run_id in stale:
+        for run_id in await stale_runs(self._sessions, self._settings.stale_s):
             if run_id not in self._tasks:
                 await self.recover_stale(run_id)
 
@@ -409,58 +401,7 @@ class RunEngine:
         """Mark a run whose process died as failed (`interrupted`) and free its session; False if it lives."""
         if run_id in self._tasks:
             return False
-        cutoff = utcnow() - timedelta(seconds=self._settings.stale_s)
-        async with self._sessions() as db, db.begin():
-            run = await db.scalar(select(AgentRun).where(AgentRun.id == run_id))
-            if run is None:
-                return True
-            ended = await db.execute(
-                update(AgentRun)
-                .where(AgentRun.id == run_id, AgentRun.status == "running", AgentRun.heartbeat_at < cutoff)
-                .values(status="failed", reason="interrupted", finished_at=utcnow())
-            )
-            if ended.rowcount == 0:  # type: ignore[attr-defined]
-                return run.status != "running"
-            session = await db.scalar(select(AgentSession).where(AgentSession.id == run.session_id))
-            if session is None:
-                return True
-            seq = session.last_seq + SEQ_GAP_AFTER_CRASH
-            db.add(
-                AgentEvent(
-                    tenant_id=run.tenant_id,
-                    session_id=run.session_id,
-                    seq=seq,
-                    run_id=run_id,
-                    type="run.failed",
-                    data={
-                        "reason": "interrupted",
-                        "message": "the process running this run stopped",
-                        "usage": {},
-                        "steps": run.steps,
-                    },
-                    created_at=utcnow(),
-                )
-            )
-            session.last_seq = seq
-            if session.active_run_id == run_id:
-                session.active_run_id = None
-            add_event(
-                db,
-                Event(
-                    topic=CONVERSATION_EVENTS,
-                    type="run.failed",
-                    tenant_id=run.tenant_id,
-                    actor=None,
-                    data={
-                        "session_id": run.session_id,
-                        "run_id": run_id,
-                        "status": "failed",
-                        "reason": "interrupted",
-                    },
-                ),
-            )
-        log.warning("run %s was interrupted (its process stopped); marked failed", run_id)
-        return True
+        return await mark_interrupted(self._sessions, run_id, self._settings.stale_s)
 
 
 async def _persona(db: AsyncSession, principal: Principal, name: str | None) -> PersonaSpec:
