@@ -13,14 +13,10 @@ takes an admin key; tenants may register HTTP servers at public addresses (or al
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
 import re
-import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Select, select
@@ -31,7 +27,6 @@ from somaagent.core.clock import utcnow
 from somaagent.core.errors import Conflict, Forbidden, InvalidRequest, NotFound, SomaError
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
-from somaagent.tools.http_fetch import blocked_reason
 from somaagent.tools.manifest import (
     NAME_PATTERN,
     Manifest,
@@ -49,8 +44,8 @@ from somaagent.tools.mcp_client import (
     McpEndpoint,
     McpError,
     McpToolInfo,
-    safe_url,
 )
+from somaagent.tools.mcp_policy import check_http_url
 from somaagent.tools.registry import DynamicTools, Tool, ToolContext, ToolImpl
 from somaagent.tools.tables import McpServer
 
@@ -71,12 +66,6 @@ class McpToolFailed(McpError):
     """The MCP tool ran and reported a failure (its text is the message, for the model to read)."""
 
     code = "mcp_tool_error"
-
-
-class McpUrlBlocked(Forbidden):
-    """A tenant tried to register an HTTP server at a loopback/private/link-local address."""
-
-    code = "mcp_url_blocked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,59 +463,3 @@ def _endpoint_of_spec(principal: Principal, spec: McpServerSpec) -> McpEndpoint:
                 raise InvalidRequest(f"header {key[:60]!r} is not a valid HTTP header", param="headers")
         return McpEndpoint("http", url=spec.url, headers=headers)
     raise InvalidRequest(f"transport {spec.transport!r} is invalid; use 'stdio' or 'http'", param="transport")
-
-
-async def check_http_url(url: str, allowlist: Sequence[str], principal: Principal) -> None:
-    """Refuse a tenant's URL at a loopback/private/link-local address unless `host[:port]` is allowlisted.
-
-    Admins are trusted with the host (they may run commands on it); the check is for tenant keys.
-    """
-    try:
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as exc:
-        raise InvalidRequest(f"MCP server url is not a valid URL: {exc}", param="url") from exc
-    host = (parts.hostname or "").lower()
-    if parts.scheme not in ("http", "https") or not host:
-        raise InvalidRequest(
-            f"MCP server url {safe_url(url)!r} must be an http:// or https:// URL with a host", param="url"
-        )
-    if principal.is_admin or _allowlisted(host, port, allowlist):
-        return
-    for address in await _addresses(host, port):
-        reason = blocked_reason(address)
-        if reason is not None:
-            shown = host if host == str(address) else f"{host} ({address})"
-            entry = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            raise McpUrlBlocked(
-                f"refused MCP server URL {safe_url(url)!r}: {shown} is a {reason} address, which tenants may "
-                f"not reach; an operator can allow it with SOMA_MCP_HTTP_ALLOWLIST='[\"{entry}\"]' "
-                "or register the server with an admin key",
-                param="url",
-            )
-
-
-def _allowlisted(host: str, port: int, allowlist: Sequence[str]) -> bool:
-    for entry in allowlist:
-        text = entry.strip().lower()
-        if text.startswith("["):  # [v6] or [v6]:port
-            inside, _, rest = text[1:].partition("]")
-            if inside == host and (not rest or rest == f":{port}"):
-                return True
-            continue
-        name, sep, entry_port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
-        if name == host and (not sep or entry_port == str(port)):
-            return True
-    return False
-
-
-async def _addresses(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    try:
-        return [ipaddress.ip_address(host.strip("[]"))]
-    except ValueError:
-        pass
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise InvalidRequest(f"could not resolve MCP server host {host!r}: {exc}", param="url") from exc
-    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
