@@ -94,6 +94,8 @@ def test_replay_after_last_event_id(tenant: TenantCtx) -> None:
     durable = [e for e in stream if e["type"] != "assistant.delta"]
     stored = tenant.http.get(f"/v1/sessions/{session_id}/events").json()["data"]
     assert [e["id"] for e in stored] == [e["id"] for e in durable]  # deltas are streamed, not stored
+    first = tenant.http.get(f"/v1/sessions/{session_id}/events", params={"limit": 2}).json()
+    assert [e["id"] for e in first["data"]] == [e["id"] for e in durable[:2]] and first["has_more"] is True
     call_id = next(e["id"] for e in stream if e["type"] == "tool.call")
     after = tenant.http.get(f"/v1/sessions/{session_id}/events", params={"after": call_id}).json()["data"]
     assert [e["type"] for e in after] == ["tool.result", "assistant.message", "run.completed"]

@@ -241,6 +241,7 @@ class EventOut(BaseModel):
 class EventListOut(BaseModel):
     object: Literal["list"] = "list"
     data: list[EventOut]
+    has_more: bool = False
 
 
 class ExportedMessage(_Strict):

@@ -147,14 +147,17 @@ async def get_events(
     services: ServicesDep,
     last_event_id: LastEventId = None,
     after: Annotated[int | None, Query(ge=0, description="Events with an id above this.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="JSON: events per page.")] = 1000,
 ) -> Response:
     """Replay what was missed: events after `after` (or the `Last-Event-ID` header)."""
     start = after if after is not None else _parse_last_event_id(last_event_id)
     async with services.sessions() as db:
         await agent_sessions.get_session(db, principal, session_id)
         if "text/event-stream" not in request.headers.get("accept", ""):
-            stored = await read_events(db, principal.tenant_id, session_id, start)
-            page = EventListOut(data=[EventOut(**e.wire()) for e in stored])
+            stored = await read_events(db, principal.tenant_id, session_id, start, limit + 1)
+            page = EventListOut(
+                data=[EventOut(**e.wire()) for e in stored[:limit]], has_more=len(stored) > limit
+            )
             return Response(page.model_dump_json(), media_type="application/json")
     events = follow_events(services.sessions, services.agents.streams, principal.tenant_id, session_id, start)
     return StreamingResponse(_sse(events), media_type="text/event-stream", headers=_SSE_HEADERS)
