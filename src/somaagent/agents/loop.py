@@ -130,6 +130,7 @@ class Recall:
         policy = state.persona.memory
         if not policy.recall:
             return CallModel()
+        started = time.perf_counter()
         async with state.recorder.db() as db:
             found, tokens = await state.deps.memory.recall(
                 db,
@@ -143,10 +144,10 @@ class Recall:
         state.deps.meter(
             state.principal,
             state.recorder.run_id,
-            _embedding_model(state),
+            state.deps.embedding_model,
             "embedding",
             Usage(tokens, 0),
-            0.0,
+            time.perf_counter() - started,
             "ok",
         )
         fresh = [r for r in found if not state.conversation.mentions(r.item.text)]
@@ -319,10 +320,6 @@ def _call_data(call: ToolCall) -> dict[str, Any]:
 
 def _recalled(found: Recalled) -> dict[str, Any]:
     return {"id": found.item.id, "text": found.item.text, "score": round(found.score, 4)}
-
-
-def _embedding_model(state: RunState) -> str:
-    return state.deps.embedding_model
 
 
 def _first(*values: float | None) -> float | None:

@@ -48,6 +48,14 @@ class RunSettings:
     stale_s: float = 30.0
 
 
+@dataclass(frozen=True, slots=True)
+class StartedRun:
+    """A run that has begun: its id, and the session's last event id before it (to follow from)."""
+
+    run_id: str
+    after: int
+
+
 class RunEngine:
     """This process's runs."""
 
@@ -88,7 +96,7 @@ class RunEngine:
 
     # --- starting -------------------------------------------------------------------------------
 
-    async def start_run(self, principal: Principal, session_id: str, body: MessageIn) -> str:
+    async def start_run(self, principal: Principal, session_id: str, body: MessageIn) -> StartedRun:
         """Validate, claim the session, commit `run.started` with the user's message, start the task."""
         async with self._sessions() as db:
             row = await get_session(db, principal, session_id)
@@ -148,7 +156,7 @@ class RunEngine:
             next_choice=choice,
         )
         self._tasks[run_id] = asyncio.create_task(self._execute(state), name=f"run-{run_id}")
-        return run_id
+        return StartedRun(run_id, next_seq - 1)
 
     async def _claim(self, principal: Principal, session_id: str, run_id: str, model: str) -> int:
         for _ in range(2):
@@ -264,6 +272,7 @@ class RunEngine:
             text = texts[role].strip()
             if not text:
                 continue
+            started = time.perf_counter()
             try:
                 async with self._sessions() as db:
                     done = await self._deps.memory.remember(
@@ -286,7 +295,7 @@ class RunEngine:
                     state.deps.embedding_model,
                     "embedding",
                     Usage(done.tokens, 0),
-                    0.0,
+                    time.perf_counter() - started,
                     "ok",
                 )
             except SomaError as exc:  # a run's answer stands even if memory could not be written

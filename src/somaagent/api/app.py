@@ -201,9 +201,6 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
             ranking=Ranking(settings.memory_recency_weight, settings.memory_half_life_days),
         ),
     )
-    documents, document_worker = memory_documents.build_documents(
-        settings, sessions, memory, embed_for_memory
-    )
     signing_key = signing_key_from_secret(secret)
     tool_registry = ToolRegistry(trusted_keys_from(signing_key.public_key()))
 
@@ -224,7 +221,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     )
     tool_registry.add_dynamic(mcp_tools(mcp))  # each tenant's pinned MCP tools, `mcp.<server>.<tool>`
 
-    def meter_agent_call(
+    def meter_model_call(
         principal: Principal,
         request_id: str,
         model: str,
@@ -233,15 +230,23 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         seconds: float,
         status: str,
     ) -> None:
-        # `services` is bound below, before any run can start.
+        # `services` is bound below, before any run or document job can start.
         record_model_call(services, principal, request_id, model, kind, usage, seconds, status)
+
+    def meter_document_embedding(principal: Principal, request_id: str, tokens: int, seconds: float) -> None:
+        model = settings.memory_embedding_model
+        meter_model_call(principal, request_id, model, "embedding", Usage(tokens, 0), seconds, "ok")
+
+    documents, document_worker = memory_documents.build_documents(
+        settings, sessions, memory, embed_for_memory, meter_document_embedding
+    )
 
     streams = LiveStreams()
     agent_deps = AgentDeps(
         router=router,
         memory=memory,
         tools=tool_registry,
-        meter=meter_agent_call,
+        meter=meter_model_call,
         embedding_model=settings.memory_embedding_model,
     )
     agents = RunEngine(
@@ -285,8 +290,6 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         readiness=checks,
         started_at=int(time.time()),
     )
-
-    document_worker.on_usage = memory_documents.usage_recorder(services)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -14,19 +14,15 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.datastructures import UploadFile
 
 from somaagent.api.deps import PrincipalDep, ServicesDep, SessionDep
-from somaagent.api.metering import record_model_call
 from somaagent.api.openai.docs import error_responses
-from somaagent.api.services import Services
 from somaagent.config import Settings
 from somaagent.core.errors import InvalidRequest
-from somaagent.core.principal import Principal
 from somaagent.memory.chunking import TokenCounter, approximate_counter, wordpiece_counter
 from somaagent.memory.document_worker import DocumentWorker, UsageSink
 from somaagent.memory.documents import DocumentIngest, DocumentSettings, Upload
 from somaagent.memory.extraction import MEDIA_TYPES, decode_base64, media_type_of
 from somaagent.memory.schemas import DocumentDeletedOut, DocumentIn, DocumentListOut, DocumentOut
 from somaagent.memory.service import DEFAULT_NAMESPACE, Embed, MemoryService
-from somaagent.models.messages import Usage
 from somaagent.observability.context import current_request_id
 
 router = APIRouter(prefix="/v1/memory/documents", tags=["Memory"])
@@ -59,9 +55,13 @@ _REQUEST_BODY = {
 
 
 def build_documents(
-    settings: Settings, sessions: async_sessionmaker[AsyncSession], memory: MemoryService, embed: Embed
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    memory: MemoryService,
+    embed: Embed,
+    on_usage: UsageSink,
 ) -> tuple[DocumentIngest, DocumentWorker]:
-    """The document service and this process's worker (metered once `usage_recorder` is attached)."""
+    """The document service and this process's worker, whose embedding calls go to `on_usage`."""
     document_settings = DocumentSettings(
         chunk_tokens=settings.memory_chunk_tokens,
         overlap_tokens=settings.memory_chunk_overlap_tokens,
@@ -71,7 +71,7 @@ def build_documents(
         poll_s=settings.memory_document_poll_s,
     )
     count = _token_counter(settings)
-    worker = DocumentWorker(sessions, embed, memory, document_settings, count, on_usage=lambda *_: None)
+    worker = DocumentWorker(sessions, embed, memory, document_settings, count, on_usage=on_usage)
     return DocumentIngest(document_settings, count), worker
 
 
@@ -88,17 +88,6 @@ def _token_counter(settings: Settings) -> TokenCounter:
         return Path(path) if path else find_model_dir()
 
     return wordpiece_counter(model_dir)
-
-
-def usage_recorder(services: Services) -> UsageSink:
-    """Meters the document worker's embedding calls like `/v1/memory` meters its own."""
-
-    def record(principal: Principal, request_id: str, tokens: int, seconds: float) -> None:
-        model = services.settings.memory_embedding_model
-        usage = Usage(tokens, 0)
-        record_model_call(services, principal, request_id, model, "embedding", usage, seconds, "ok")
-
-    return record
 
 
 @router.post(

@@ -116,14 +116,13 @@ async def post_message(
 ) -> Response:
     """Start a run with this message; its events stream as SSE until `run.completed` / `run.failed`."""
     engine = services.agents
-    async with services.sessions() as db:
-        last = (await agent_sessions.get_session(db, principal, session_id)).last_seq
-    run_id = await engine.start_run(principal, session_id, body)
+    started = await engine.start_run(principal, session_id, body)
+    run_id = started.run_id
     if not body.stream:
         await engine.wait(run_id)
         return await _run_response(services, principal, session_id, run_id)
     events = follow_events(
-        services.sessions, engine.streams, principal.tenant_id, session_id, last, until_run=run_id
+        services.sessions, engine.streams, principal.tenant_id, session_id, started.after, until_run=run_id
     )
     return StreamingResponse(_sse(events), media_type="text/event-stream", headers=_SSE_HEADERS)
 
@@ -228,8 +227,9 @@ async def _socket_command(
             body = MessageIn(**fields)
         except ValidationError as exc:
             raise translate_validation([dict(e) for e in exc.errors()]) from None
-        run_id = await services.agents.start_run(principal, session_id, body)
-        await websocket.send_text(orjson.dumps({"type": "run.accepted", "run_id": run_id}).decode())
+        started = await services.agents.start_run(principal, session_id, body)
+        accepted = {"type": "run.accepted", "run_id": started.run_id}
+        await websocket.send_text(orjson.dumps(accepted).decode())
     except SomaError as exc:
         _, type_ = status_for(exc)
         await websocket.send_text(

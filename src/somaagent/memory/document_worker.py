@@ -68,7 +68,7 @@ class DocumentWorker:
         self.settings = settings
         self._count = count_tokens
         # Public: the app factory sets it once the metering it needs exists.
-        self.on_usage = on_usage
+        self._on_usage = on_usage
         self.owner = owner or f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -217,7 +217,7 @@ class DocumentWorker:
         assert embedded is not None
         elapsed = time.perf_counter() - started
         await self._commit_batch(document, batch, embedded, done + len(batch), total)
-        self.on_usage(principal, document.request_id, embedded.prompt_tokens, elapsed)
+        self._on_usage(principal, document.request_id, embedded.prompt_tokens, elapsed)
         return done + len(batch)
 
     async def _commit_batch(

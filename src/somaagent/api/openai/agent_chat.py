@@ -53,9 +53,8 @@ async def agent_completion(
     message = MessageIn(
         content=last.content, max_tokens=chat.max_tokens, temperature=chat.temperature, seed=chat.seed
     )
-    async with services.sessions() as db:
-        last_seq = (await agent_sessions.get_session(db, principal, session_id)).last_seq
-    run_id = await services.agents.start_run(principal, session_id, message)
+    started = await services.agents.start_run(principal, session_id, message)
+    run_id = started.run_id
     headers = {SESSION_HEADER: session_id, "x-soma-run-id": run_id}
     if not body.stream:
         await services.agents.wait(run_id)
@@ -74,7 +73,7 @@ async def agent_completion(
         return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     renderer = ChunkRenderer(completion_id(), include_usage)
-    chunks = _chunks(services, principal, session_id, run_id, last_seq, chat.model, renderer)
+    chunks = _chunks(services, principal, session_id, run_id, started.after, chat.model, renderer)
     return StreamingResponse(
         chunks,
         media_type="text/event-stream",
