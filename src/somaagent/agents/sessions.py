@@ -153,16 +153,28 @@ async def export_session(session: AsyncSession, principal: Principal, session_id
 
 async def import_session(session: AsyncSession, principal: Principal, body: SessionExport) -> AgentSession:
     """A new session holding the exported messages (its events start afresh; the caller commits)."""
-    row = await create_session(
-        session,
-        principal,
-        SessionIn(persona=body.persona, model_profile=body.model_profile, metadata=body.metadata),
-    )
-    for seq, exported in enumerate(body.messages, start=1):
-        calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in exported.tool_calls or ())
-        message = Message(exported.role, exported.content, calls, exported.tool_call_id, exported.name)
+    history = [
+        Message(
+            m.role,
+            m.content,
+            tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls or ()),
+            m.tool_call_id,
+            m.name,
+        )
+        for m in body.messages
+    ]
+    spec = SessionIn(persona=body.persona, model_profile=body.model_profile, metadata=body.metadata)
+    return await create_session_with_history(session, principal, spec, history)
+
+
+async def create_session_with_history(
+    session: AsyncSession, principal: Principal, body: SessionIn, history: list[Message]
+) -> AgentSession:
+    """A new session whose history is `history` (the caller commits)."""
+    row = await create_session(session, principal, body)
+    for seq, message in enumerate(history, start=1):
         session.add(message_row(principal.tenant_id, row.id, None, seq, message))
-    # Imported messages take seq numbers so history keeps its order; the event log starts after them.
-    row.last_seq = len(body.messages)
+    # History takes seq numbers so it keeps its order; the event log starts after them.
+    row.last_seq = len(history)
     await session.flush()
     return row

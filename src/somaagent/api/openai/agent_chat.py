@@ -18,7 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from somaagent.agents import sessions as agent_sessions
 from somaagent.agents.event_log import follow_events
 from somaagent.agents.personas import get_persona
-from somaagent.agents.schemas import ExportedMessage, MessageIn, SessionExport, ToolCallOut
+from somaagent.agents.schemas import MessageIn, SessionIn
 from somaagent.api.errors import error_body
 from somaagent.api.openai.render import ChunkRenderer, completion_id, completion_json
 from somaagent.api.openai.schemas import ChatCompletionRequest
@@ -129,22 +129,9 @@ async def _session_for(
         existing = request.headers.get(SESSION_HEADER)
         if existing:
             return (await agent_sessions.get_session(db, principal, existing)).id
-        history = [
-            ExportedMessage(
-                role=m.role,
-                content=m.content,
-                tool_calls=[ToolCallOut(id=c.id, name=c.name, arguments=c.arguments) for c in m.tool_calls]
-                or None,
-                tool_call_id=m.tool_call_id,
-                name=m.name,
-            )
-            for m in earlier
-            if m.role != "system"  # the persona's system prompt governs the agent
-        ]
-        row = await agent_sessions.import_session(
-            db,
-            principal,
-            SessionExport(persona=persona, metadata={"source": "chat.completions"}, messages=history),
+        history = [m for m in earlier if m.role != "system"]  # the persona's system prompt governs
+        row = await agent_sessions.create_session_with_history(
+            db, principal, SessionIn(persona=persona, metadata={"source": "chat.completions"}), history
         )
         await db.commit()
         return row.id
