@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     key_cache_ttl_s: float = 300.0
     last_used_flush_s: float = 10.0
     revocation_poll_s: float = 0.5
+    training_lock_ttl_s: float = Field(
+        default=1.0, gt=0, description="How long a replica trusts its cached view of a tenant's training lock."
+    )
 
     @field_validator("data_dir")
     @classmethod

@@ -18,16 +18,19 @@ from somaagent.agents.event_log import LiveStreams
 from somaagent.agents.loop import AgentDeps
 from somaagent.agents.runs import RunEngine, RunSettings
 from somaagent.analytics.usage import UsageConsumer
+from somaagent.api import audit as audit_api
 from somaagent.api import health, memory_documents, personas, tools, usage
 from somaagent.api import mcp_servers as mcp_servers_api
 from somaagent.api import memory as memory_api
 from somaagent.api import sessions as sessions_api
+from somaagent.api import training as training_api
 from somaagent.api.admin import keys, profiles, tenants
 from somaagent.api.errors import install_error_handlers
 from somaagent.api.metering import record_model_call
 from somaagent.api.middleware import EdgeMiddleware
 from somaagent.api.openai import chat, embeddings, models
 from somaagent.api.services import Services
+from somaagent.audit.consumer import AuditConsumer
 from somaagent.config import ModelSpec, Settings
 from somaagent.core.errors import UpstreamError
 from somaagent.core.principal import Principal
@@ -36,8 +39,9 @@ from somaagent.db.engine import create_engine, session_factory
 from somaagent.events.bus import InProcessBus
 from somaagent.events.outbox import BufferedEmitter
 from somaagent.events.relay import OutboxRelay
-from somaagent.events.schemas import MODEL_USAGE
+from somaagent.events.schemas import AUDIT_EVENTS, MODEL_USAGE
 from somaagent.identity.authenticator import KeyAuthenticator
+from somaagent.identity.training import TrainingLocks
 from somaagent.memory.index import ExactIndex, Int8Index, UsearchIndex
 from somaagent.memory.indexes import IndexFactory, SyncedIndexes
 from somaagent.memory.qdrant_index import QdrantIndex, QdrantStore
@@ -184,6 +188,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     relay = OutboxRelay(sessions, bus)
     emitter = BufferedEmitter(sessions, settings.outbox_flush_ms, on_flushed=relay.deliver)
     bus.subscribe(MODEL_USAGE, UsageConsumer(sessions))
+    bus.subscribe(AUDIT_EVENTS, AuditConsumer(sessions))
     catalog, clients, checks = build_catalog(settings, metrics)
     secret = settings.resolved_secret_key()
     profile_cache = ProfileCache(sessions)
@@ -286,6 +291,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         tools=tool_registry,
         agents=agents,
         mcp=mcp,
+        training=TrainingLocks(sessions, emitter, settings.training_lock_ttl_s),
         http_clients=clients,
         readiness=checks,
         started_at=int(time.time()),
@@ -328,7 +334,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     app.include_router(memory_documents.router)  # before memory_api, whose /{memory_id} would match it
     for module in (chat, embeddings, models, tenants, keys, profiles, usage, memory_api, personas, tools):
         app.include_router(module.router)
-    for module in (sessions_api, mcp_servers_api, health):
+    for module in (sessions_api, mcp_servers_api, audit_api, training_api, health):
         app.include_router(module.router)
     app.add_middleware(
         EdgeMiddleware,

@@ -20,6 +20,7 @@ from somaagent.core.errors import (
     Conflict,
     Forbidden,
     InvalidRequest,
+    Locked,
     NotFound,
     Overloaded,
     PayloadTooLarge,
@@ -39,6 +40,7 @@ ERROR_TABLE: dict[type[SomaError], tuple[int, str]] = {
     Unauthenticated: (401, "authentication_error"),
     Forbidden: (403, "permission_error"),
     NotFound: (404, "invalid_request_error"),
+    Locked: (423, "invalid_request_error"),
     Conflict: (409, "invalid_request_error"),
     RateLimited: (429, "rate_limit_error"),
     Overloaded: (503, "server_error"),
@@ -53,6 +55,7 @@ _STATUS_TYPES = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    423: "invalid_request_error",
     429: "rate_limit_error",
 }
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from somaagent.api.deps import PrincipalDep, ServicesDep, SessionDep
+from somaagent.api.deps import ServicesDep, SessionDep, ToolsAdminDep, ToolsExecuteDep
 from somaagent.api.openai.docs import error_responses
 from somaagent.api.services import Services
 from somaagent.core.pagination import ListOut
@@ -133,7 +133,7 @@ def _access(services: Services) -> mcp_servers.McpAccess:
 )
 async def register_server(
     body: McpServerIn,
-    principal: PrincipalDep,
+    principal: ToolsAdminDep,
     services: ServicesDep,
     session: SessionDep,
     tenant: Annotated[str | None, Query(description="Admins: register it for this tenant.")] = None,
@@ -154,12 +154,12 @@ async def register_server(
 
 
 @router.get("", response_model=ListOut[McpServerOut], responses=error_responses(401))
-async def list_servers(principal: PrincipalDep, session: SessionDep) -> ListOut[McpServerOut]:
+async def list_servers(principal: ToolsExecuteDep, session: SessionDep) -> ListOut[McpServerOut]:
     return ListOut(data=[McpServerOut.of(r) for r in await mcp_servers.list_servers(session, principal)])
 
 
 @router.get("/{name}", response_model=McpServerOut, responses=error_responses(401, 404))
-async def get_server(name: str, principal: PrincipalDep, session: SessionDep) -> McpServerOut:
+async def get_server(name: str, principal: ToolsExecuteDep, session: SessionDep) -> McpServerOut:
     return McpServerOut.of(await mcp_servers.get_server(session, principal, name))
 
 
@@ -168,7 +168,7 @@ async def get_server(name: str, principal: PrincipalDep, session: SessionDep) ->
 )
 async def refresh_server(
     name: str,
-    principal: PrincipalDep,
+    principal: ToolsAdminDep,
     services: ServicesDep,
     session: SessionDep,
     body: McpRefreshIn | None = None,
@@ -182,7 +182,7 @@ async def refresh_server(
 
 @router.delete("/{name}", response_model=McpServerOut, responses=error_responses(401, 404))
 async def delete_server(
-    name: str, principal: PrincipalDep, services: ServicesDep, session: SessionDep
+    name: str, principal: ToolsAdminDep, services: ServicesDep, session: SessionDep
 ) -> McpServerOut:
     """Remove the server; its connection is closed (a stdio process is stopped)."""
     row = await mcp_servers.delete_server(session, principal, _access(services), name)
@@ -196,7 +196,12 @@ async def delete_server(
     responses=error_responses(400, 401, 403, 404, 409, 502, 503),
 )
 async def call_tool(
-    name: str, tool: str, body: McpCallIn, principal: PrincipalDep, services: ServicesDep, session: SessionDep
+    name: str,
+    tool: str,
+    body: McpCallIn,
+    principal: ToolsExecuteDep,
+    services: ServicesDep,
+    session: SessionDep,
 ) -> McpCallOut:
     """Call a pinned tool directly (operators, tests): the same checks as an agent's call."""
     access = _access(services)

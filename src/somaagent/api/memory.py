@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from starlette.responses import Response
 
-from somaagent.api.deps import PrincipalDep, ServicesDep, SessionDep
+from somaagent.api.deps import MemoryReadDep, MemoryWriteDep, ServicesDep, SessionDep
 from somaagent.api.metering import record_model_call
 from somaagent.api.openai.docs import error_responses
 from somaagent.api.services import Services
@@ -50,7 +50,7 @@ def _meter(services: Services, principal: Principal, tokens: int, started: float
     "/remember", response_model=RememberedOut, status_code=201, responses=error_responses(400, 401, 404)
 )
 async def remember(
-    body: RememberIn, principal: PrincipalDep, services: ServicesDep, session: SessionDep
+    body: RememberIn, principal: MemoryWriteDep, services: ServicesDep, session: SessionDep
 ) -> RememberedOut:
     started = time.perf_counter()
     done = await services.memory.remember(
@@ -63,7 +63,7 @@ async def remember(
 
 @router.post("/recall", response_model=RecallOut, responses=error_responses(400, 401))
 async def recall(
-    body: RecallIn, principal: PrincipalDep, services: ServicesDep, session: SessionDep
+    body: RecallIn, principal: MemoryReadDep, services: ServicesDep, session: SessionDep
 ) -> RecallOut:
     started = time.perf_counter()
     found, tokens = await services.memory.recall(
@@ -74,7 +74,7 @@ async def recall(
 
 
 @router.post("/rag", response_model=RagOut, responses=error_responses(400, 401))
-async def rag(body: RecallIn, principal: PrincipalDep, services: ServicesDep, session: SessionDep) -> RagOut:
+async def rag(body: RecallIn, principal: MemoryReadDep, services: ServicesDep, session: SessionDep) -> RagOut:
     started = time.perf_counter()
     found, tokens = await services.memory.recall(
         session, principal, body.query, body.top_k, body.namespace, body.filter, body.min_score
@@ -86,7 +86,7 @@ async def rag(body: RecallIn, principal: PrincipalDep, services: ServicesDep, se
 
 @router.get("", response_model=MemoryListOut, responses=error_responses(400, 401))
 async def list_memories(
-    principal: PrincipalDep,
+    principal: MemoryReadDep,
     services: ServicesDep,
     session: SessionDep,
     namespace: Namespace = DEFAULT_NAMESPACE,
@@ -99,7 +99,7 @@ async def list_memories(
 
 @router.get("/export", responses=error_responses(400, 401))
 async def export_memories(
-    principal: PrincipalDep,
+    principal: MemoryReadDep,
     services: ServicesDep,
     session: SessionDep,
     namespace: Namespace = DEFAULT_NAMESPACE,
@@ -122,14 +122,14 @@ async def export_memories(
 
 @router.get("/{memory_id}", response_model=MemoryOut, responses=error_responses(401, 404))
 async def get_memory(
-    memory_id: str, principal: PrincipalDep, services: ServicesDep, session: SessionDep
+    memory_id: str, principal: MemoryReadDep, services: ServicesDep, session: SessionDep
 ) -> MemoryOut:
     return MemoryOut.of(await services.memory.get(session, principal, memory_id))
 
 
 @router.delete("/{memory_id}", response_model=MemoryOut, responses=error_responses(401, 404))
 async def delete_memory(
-    memory_id: str, principal: PrincipalDep, services: ServicesDep, session: SessionDep
+    memory_id: str, principal: MemoryWriteDep, services: ServicesDep, session: SessionDep
 ) -> MemoryOut:
     item = await services.memory.delete(session, principal, memory_id)
     await session.commit()

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.datastructures import UploadFile
 
-from somaagent.api.deps import PrincipalDep, ServicesDep, SessionDep
+from somaagent.api.deps import MemoryReadDep, MemoryWriteDep, ServicesDep, SessionDep
 from somaagent.api.openai.docs import error_responses
 from somaagent.config import Settings
 from somaagent.core.errors import InvalidRequest
@@ -99,7 +99,7 @@ def _token_counter(settings: Settings) -> TokenCounter:
     summary="Upload a document to be chunked into memories",
 )
 async def create_document(
-    request: Request, principal: PrincipalDep, services: ServicesDep, session: SessionDep
+    request: Request, principal: MemoryWriteDep, services: ServicesDep, session: SessionDep
 ) -> DocumentOut:
     """JSON (`DocumentIn`) or multipart (`file` plus form fields). Extraction happens now, so a bad
     document is a 400 and nothing is stored; chunks are indexed in the background (poll `GET`)."""
@@ -112,7 +112,7 @@ async def create_document(
 
 @router.get("", response_model=DocumentListOut, responses=error_responses(400, 401))
 async def list_documents(
-    principal: PrincipalDep,
+    principal: MemoryReadDep,
     services: ServicesDep,
     session: SessionDep,
     namespace: Namespace = DEFAULT_NAMESPACE,
@@ -125,14 +125,14 @@ async def list_documents(
 
 @router.get("/{document_id}", response_model=DocumentOut, responses=error_responses(401, 404))
 async def get_document(
-    document_id: str, principal: PrincipalDep, services: ServicesDep, session: SessionDep
+    document_id: str, principal: MemoryReadDep, services: ServicesDep, session: SessionDep
 ) -> DocumentOut:
     return DocumentOut.of(await services.documents.get(session, principal, document_id))
 
 
 @router.delete("/{document_id}", response_model=DocumentDeletedOut, responses=error_responses(401, 404))
 async def delete_document(
-    document_id: str, principal: PrincipalDep, services: ServicesDep, session: SessionDep
+    document_id: str, principal: MemoryWriteDep, services: ServicesDep, session: SessionDep
 ) -> DocumentDeletedOut:
     """Delete the document and its chunk memories (also while it is still being indexed)."""
     document, removed = await services.documents.delete(session, principal, document_id)

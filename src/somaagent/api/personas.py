@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from somaagent.agents import personas
 from somaagent.agents.schemas import PersonaIn, PersonaOut, PersonaPatch
-from somaagent.api.deps import PrincipalDep, ServicesDep, SessionDep
+from somaagent.api.deps import AgentsAdminDep, ChatUseDep, ServicesDep, SessionDep
 from somaagent.api.openai.docs import error_responses
 from somaagent.api.services import Services
 from somaagent.core.pagination import ListOut
@@ -22,7 +22,7 @@ async def _check_model(services: Services, principal: Principal, model: str | No
 
 @router.post("", response_model=PersonaOut, status_code=201, responses=error_responses(400, 401, 404, 409))
 async def create_persona(
-    body: PersonaIn, principal: PrincipalDep, services: ServicesDep, session: SessionDep
+    body: PersonaIn, principal: AgentsAdminDep, services: ServicesDep, session: SessionDep
 ) -> PersonaOut:
     await _check_model(services, principal, body.model)
     row = await personas.create_persona(session, principal, body)
@@ -31,18 +31,18 @@ async def create_persona(
 
 
 @router.get("", response_model=ListOut[PersonaOut], responses=error_responses(401))
-async def list_personas(principal: PrincipalDep, session: SessionDep) -> ListOut[PersonaOut]:
+async def list_personas(principal: ChatUseDep, session: SessionDep) -> ListOut[PersonaOut]:
     return ListOut(data=[PersonaOut.of(r) for r in await personas.list_personas(session, principal)])
 
 
 @router.get("/{name}", response_model=PersonaOut, responses=error_responses(401, 404))
-async def get_persona(name: str, principal: PrincipalDep, session: SessionDep) -> PersonaOut:
+async def get_persona(name: str, principal: ChatUseDep, session: SessionDep) -> PersonaOut:
     return PersonaOut.of(await personas.get_persona(session, principal, name))
 
 
 @router.patch("/{name}", response_model=PersonaOut, responses=error_responses(400, 401, 404))
 async def update_persona(
-    name: str, body: PersonaPatch, principal: PrincipalDep, services: ServicesDep, session: SessionDep
+    name: str, body: PersonaPatch, principal: AgentsAdminDep, services: ServicesDep, session: SessionDep
 ) -> PersonaOut:
     await _check_model(services, principal, body.model)
     row = await personas.update_persona(session, principal, name, body)
@@ -51,7 +51,7 @@ async def update_persona(
 
 
 @router.delete("/{name}", response_model=PersonaOut, responses=error_responses(401, 404))
-async def delete_persona(name: str, principal: PrincipalDep, session: SessionDep) -> PersonaOut:
+async def delete_persona(name: str, principal: AgentsAdminDep, session: SessionDep) -> PersonaOut:
     row = await personas.delete_persona(session, principal, name)
     await session.commit()
     return PersonaOut.of(row)

@@ -13,6 +13,7 @@ from somaagent.events.bus import InProcessBus
 from somaagent.events.outbox import BufferedEmitter
 from somaagent.events.relay import OutboxRelay
 from somaagent.identity.authenticator import KeyAuthenticator
+from somaagent.identity.training import TrainingLocks
 from somaagent.memory.document_worker import DocumentWorker
 from somaagent.memory.documents import DocumentIngest
 from somaagent.memory.service import MemoryService
@@ -47,6 +48,7 @@ class Services:
     tools: ToolRegistry
     agents: RunEngine
     mcp: McpAccess
+    training: TrainingLocks
     http_clients: list[UpstreamClient] = field(default_factory=list)
     readiness: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
     started_at: int = 0

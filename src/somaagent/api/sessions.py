@@ -29,12 +29,13 @@ from somaagent.agents.schemas import (
     SessionListOut,
     SessionOut,
 )
-from somaagent.api.deps import PrincipalDep, ServicesDep, SessionDep
+from somaagent.api.deps import ChatUseDep, InferenceDep, ServicesDep, SessionDep
 from somaagent.api.errors import error_body, status_for, translate_validation
 from somaagent.api.openai.docs import error_responses
 from somaagent.api.services import Services
-from somaagent.core.errors import InvalidRequest, SomaError
+from somaagent.core.errors import Forbidden, InvalidRequest, SomaError
 from somaagent.core.principal import Principal
+from somaagent.identity.capabilities import Capability
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/sessions", tags=["Agents"])
@@ -44,7 +45,7 @@ _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 @router.post("", response_model=SessionOut, status_code=201, responses=error_responses(400, 401, 404))
 async def create_session(
-    body: SessionIn, principal: PrincipalDep, services: ServicesDep, session: SessionDep
+    body: SessionIn, principal: ChatUseDep, services: ServicesDep, session: SessionDep
 ) -> SessionOut:
     if body.persona is not None:
         await get_persona(session, principal, body.persona)
@@ -57,7 +58,7 @@ async def create_session(
 
 @router.get("", response_model=SessionListOut, responses=error_responses(400, 401))
 async def list_sessions(
-    principal: PrincipalDep,
+    principal: ChatUseDep,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(description="Sessions older than this id (paging).")] = None,
@@ -67,7 +68,7 @@ async def list_sessions(
 
 
 @router.post("/import", response_model=SessionOut, status_code=201, responses=error_responses(400, 401))
-async def import_session(body: SessionExport, principal: PrincipalDep, session: SessionDep) -> SessionOut:
+async def import_session(body: SessionExport, principal: ChatUseDep, session: SessionDep) -> SessionOut:
     """A new session from an export (its messages become the history the agent sees)."""
     row = await agent_sessions.import_session(session, principal, body)
     await session.commit()
@@ -75,19 +76,19 @@ async def import_session(body: SessionExport, principal: PrincipalDep, session: 
 
 
 @router.get("/{session_id}", response_model=SessionOut, responses=error_responses(401, 404))
-async def get_session(session_id: str, principal: PrincipalDep, session: SessionDep) -> SessionOut:
+async def get_session(session_id: str, principal: ChatUseDep, session: SessionDep) -> SessionOut:
     return SessionOut.of(await agent_sessions.get_session(session, principal, session_id))
 
 
 @router.delete("/{session_id}", response_model=SessionOut, responses=error_responses(401, 404, 409))
-async def delete_session(session_id: str, principal: PrincipalDep, session: SessionDep) -> SessionOut:
+async def delete_session(session_id: str, principal: ChatUseDep, session: SessionDep) -> SessionOut:
     row = await agent_sessions.delete_session(session, principal, session_id)
     await session.commit()
     return SessionOut.of(row)
 
 
 @router.get("/{session_id}/history", response_model=HistoryOut, responses=error_responses(401, 404))
-async def get_history(session_id: str, principal: PrincipalDep, session: SessionDep) -> HistoryOut:
+async def get_history(session_id: str, principal: ChatUseDep, session: SessionDep) -> HistoryOut:
     """The conversation as the agent sees it: user, assistant (with tool calls) and tool messages."""
     await agent_sessions.get_session(session, principal, session_id)
     rows = await agent_sessions.history_rows(session, principal.tenant_id, session_id, limit=10_000)
@@ -95,7 +96,7 @@ async def get_history(session_id: str, principal: PrincipalDep, session: Session
 
 
 @router.get("/{session_id}/export", response_model=SessionExport, responses=error_responses(401, 404))
-async def export_session(session_id: str, principal: PrincipalDep, session: SessionDep) -> SessionExport:
+async def export_session(session_id: str, principal: ChatUseDep, session: SessionDep) -> SessionExport:
     return await agent_sessions.export_session(session, principal, session_id)
 
 
@@ -112,7 +113,7 @@ async def export_session(session_id: str, principal: PrincipalDep, session: Sess
     },
 )
 async def post_message(
-    session_id: str, body: MessageIn, principal: PrincipalDep, services: ServicesDep
+    session_id: str, body: MessageIn, principal: InferenceDep, services: ServicesDep
 ) -> Response:
     """Start a run with this message; its events stream as SSE until `run.completed` / `run.failed`."""
     engine = services.agents
@@ -142,7 +143,7 @@ async def post_message(
 async def get_events(
     session_id: str,
     request: Request,
-    principal: PrincipalDep,
+    principal: ChatUseDep,
     services: ServicesDep,
     last_event_id: LastEventId = None,
     after: Annotated[int | None, Query(ge=0, description="Events with an id above this.")] = None,
@@ -163,13 +164,13 @@ async def get_events(
 
 
 @router.get("/{session_id}/runs/{run_id}", response_model=RunOut, responses=error_responses(401, 404))
-async def get_run(session_id: str, run_id: str, principal: PrincipalDep, services: ServicesDep) -> Response:
+async def get_run(session_id: str, run_id: str, principal: ChatUseDep, services: ServicesDep) -> Response:
     return await _run_response(services, principal, session_id, run_id)
 
 
 @router.post("/{session_id}/runs/{run_id}/cancel", response_model=RunOut, responses=error_responses(401, 404))
 async def cancel_run(
-    session_id: str, run_id: str, principal: PrincipalDep, services: ServicesDep
+    session_id: str, run_id: str, principal: ChatUseDep, services: ServicesDep
 ) -> Response:
     """Stop a run; answers the run once it has ended (a finished run is returned as it is)."""
     await services.agents.cancel(principal, session_id, run_id)
@@ -183,10 +184,13 @@ async def session_socket(websocket: WebSocket, session_id: str, after: int | Non
     services: Services = websocket.app.state.services
     try:
         principal = await services.authenticator.authenticate(websocket.headers.get("authorization"))
+        if not principal.can(Capability.CHAT_USE):
+            raise Forbidden("this needs the `chat:use` capability", code="missing_capability")
         async with services.sessions() as db:
             row = await agent_sessions.get_session(db, principal, session_id)
     except SomaError as exc:
-        await websocket.close(code=4401 if exc.code == "invalid_api_key" else 4404, reason=exc.message[:120])
+        status, _ = status_for(exc)
+        await websocket.close(code=4000 + status, reason=exc.message[:120])
         return
     await websocket.accept()
     start = row.last_seq if after is None else after
@@ -227,6 +231,7 @@ async def _socket_command(
             body = MessageIn(**fields)
         except ValidationError as exc:
             raise translate_validation([dict(e) for e in exc.errors()]) from None
+        await services.training.admit_inference(principal)
         started = await services.agents.start_run(principal, session_id, body)
         accepted = {"type": "run.accepted", "run_id": started.run_id}
         await websocket.send_text(orjson.dumps(accepted).decode())

@@ -8,7 +8,7 @@ import orjson
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from somaagent.api.deps import PrincipalDep, ServicesDep, SessionDep
+from somaagent.api.deps import ServicesDep, SessionDep, ToolsAdminDep, ToolsExecuteDep
 from somaagent.api.openai.docs import error_responses
 from somaagent.core.errors import Forbidden, NotFound
 from somaagent.core.pagination import ListOut
@@ -65,7 +65,9 @@ class ToolPatch(BaseModel):
 
 
 @router.get("", response_model=ListOut[ToolOut], responses=error_responses(401))
-async def list_tools(principal: PrincipalDep, services: ServicesDep, session: SessionDep) -> ListOut[ToolOut]:
+async def list_tools(
+    principal: ToolsExecuteDep, services: ServicesDep, session: SessionDep
+) -> ListOut[ToolOut]:
     return ListOut(data=[ToolOut.of(s) for s in await services.tools.statuses(session, principal)])
 
 
@@ -73,7 +75,7 @@ async def list_tools(principal: PrincipalDep, services: ServicesDep, session: Se
 async def configure_tool(
     name: str,
     body: ToolPatch,
-    principal: PrincipalDep,
+    principal: ToolsAdminDep,
     services: ServicesDep,
     session: SessionDep,
     tenant: str | None = None,
@@ -105,7 +107,7 @@ class ToolInvokeOut(BaseModel):
 
 @router.post("/{name}/invoke", response_model=ToolInvokeOut, responses=error_responses(400, 401, 404))
 async def invoke_tool(
-    name: str, body: ToolInvokeIn, principal: PrincipalDep, services: ServicesDep, session: SessionDep
+    name: str, body: ToolInvokeIn, principal: ToolsExecuteDep, services: ServicesDep, session: SessionDep
 ) -> ToolInvokeOut:
     """Call an enabled tool directly, as an agent would (a failing call is a result with `is_error`)."""
     enabled = {s.tool.name: s for s in await services.tools.enabled(session, principal)}

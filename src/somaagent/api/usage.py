@@ -8,7 +8,7 @@ from fastapi import APIRouter
 
 from somaagent.analytics.schemas import UsageOut, UsageRowOut
 from somaagent.analytics.usage import usage_by_model_day
-from somaagent.api.deps import PrincipalDep, ServicesDep, SessionDep
+from somaagent.api.deps import BillingReadDep, ServicesDep, SessionDep
 from somaagent.api.openai.docs import error_responses
 from somaagent.identity.service import get_tenant
 
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1", tags=["Usage"])
 
 @router.get("/usage", response_model=UsageOut, responses=error_responses(400, 401, 404))
 async def get_usage(
-    principal: PrincipalDep,
+    principal: BillingReadDep,
     services: ServicesDep,
     session: SessionDep,
     tenant: str | None = None,

@@ -116,6 +116,7 @@ def profile_set(
     """Set a tenant's model profile; clients then send model="profile:ROLE"."""
     from somaagent.api.app import build_catalog
     from somaagent.core.principal import Principal
+    from somaagent.identity.capabilities import OPERATOR_CAPABILITIES
     from somaagent.models.profiles import set_profile
     from somaagent.observability.metrics import Metrics
 
@@ -124,7 +125,7 @@ def profile_set(
 
     async def work(session: AsyncSession) -> list[str]:
         found = await service.get_tenant(session, None, tenant)
-        operator = Principal(found.id, found.name, "cli", None, is_admin=True)
+        operator = Principal(found.id, found.name, "cli", None, OPERATOR_CAPABILITIES)
         saved = await set_profile(session, catalog, operator, found.id, role, model_ids)
         return list(saved.models)
 

@@ -10,6 +10,7 @@ import typer
 from somaagent.config import Settings
 from somaagent.core.errors import SomaError
 from somaagent.core.principal import Principal
+from somaagent.identity.capabilities import OPERATOR_CAPABILITIES
 from somaagent.db import migrate
 
 memory = typer.Typer(help="Manage long-term memory.", no_args_is_help=True)
@@ -34,7 +35,7 @@ def reindex(
     settings = Settings()
     migrate.upgrade(settings.resolved_database_url)
     catalog, clients, _checks = build_catalog(settings, Metrics())
-    operator = Principal("cli", "cli", "cli", None, is_admin=True)
+    operator = Principal("cli", "cli", "cli", None, OPERATOR_CAPABILITIES)
 
     async def run() -> int:
         engine = create_engine(settings.resolved_database_url)

@@ -62,6 +62,12 @@ class Conflict(SomaError):
     code = "conflict"
 
 
+class Locked(Conflict):
+    """The resource is locked by someone else (a tenant in training mode); the message names the holder."""
+
+    code = "locked"
+
+
 class RateLimited(SomaError):
     """Too many requests; retry after `retry_after` seconds."""
 

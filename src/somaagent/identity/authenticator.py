@@ -14,7 +14,7 @@ from somaagent.core.clock import utcnow
 from somaagent.core.errors import Unauthenticated
 from somaagent.core.principal import Principal
 from somaagent.identity.keys import hash_key, looks_like_key
-from somaagent.identity.service import revocation_epoch, touch_keys
+from somaagent.identity.service import key_capabilities, revocation_epoch, touch_keys
 from somaagent.identity.tables import ApiKey, Tenant
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,13 @@ class KeyAuthenticator:
             row = (
                 await session.execute(
                     select(
-                        ApiKey.id, ApiKey.scope, ApiKey.revoked_at, Tenant.id, Tenant.name, Tenant.disabled
+                        ApiKey.id,
+                        ApiKey.scope,
+                        ApiKey.capabilities,
+                        ApiKey.revoked_at,
+                        Tenant.id,
+                        Tenant.name,
+                        Tenant.disabled,
                     )
                     .join(Tenant, Tenant.id == ApiKey.tenant_id)
                     .where(ApiKey.key_hash == digest)
@@ -83,7 +89,7 @@ class KeyAuthenticator:
             ).first()
         if row is None:
             raise Unauthenticated("invalid API key")
-        key_id, scope, revoked_at, tenant_id, tenant_name, disabled = row
+        key_id, scope, capabilities, revoked_at, tenant_id, tenant_name, disabled = row
         if revoked_at is not None:
             raise Unauthenticated("this API key has been revoked; create a new one with `soma keys create`")
         if disabled:
@@ -93,7 +99,7 @@ class KeyAuthenticator:
             tenant_name=tenant_name,
             subject=f"key:{key_id}",
             key_id=key_id,
-            is_admin=scope == "admin",
+            capabilities=key_capabilities(scope, capabilities),
         )
 
     def invalidate(self) -> None:

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from somaagent.identity.service import key_capabilities
 from somaagent.identity.tables import ApiKey, Tenant
 
 
@@ -34,6 +35,12 @@ class KeyCreate(_Strict):
     tenant: str | None = Field(default=None, description="Tenant id or name; default: the caller's tenant.")
     name: str = Field(min_length=1, max_length=64, examples=["ci"])
     scope: Literal["tenant", "admin"] = "tenant"
+    capabilities: list[str] | None = Field(
+        default=None,
+        max_length=32,
+        description="What the key may do (a subset of yours); default: every tenant capability you hold.",
+        examples=[["chat:use", "memory:read"]],
+    )
 
 
 class KeyOut(BaseModel):
@@ -43,6 +50,7 @@ class KeyOut(BaseModel):
     name: str
     prefix: str
     scope: str
+    capabilities: list[str]
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
@@ -55,6 +63,7 @@ class KeyOut(BaseModel):
             name=key.name,
             prefix=key.prefix,
             scope=key.scope,
+            capabilities=sorted(key_capabilities(key.scope, key.capabilities)),
             created_at=key.created_at,
             last_used_at=key.last_used_at,
             revoked_at=key.revoked_at,

@@ -16,6 +16,7 @@ from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
 from somaagent.events.outbox import add_event
 from somaagent.events.schemas import AUDIT_EVENTS, Event
+from somaagent.identity.capabilities import OPERATOR_CAPABILITIES, TENANT_CAPABILITIES, parse_capabilities
 from somaagent.identity.keys import generate_key, hash_key, visible_prefix
 from somaagent.identity.tables import ApiKey, RevocationEpoch, Tenant
 
@@ -38,6 +39,41 @@ def _audit(session: AsyncSession, actor: str, tenant_id: str, action: str, **dat
 def _require_admin(principal: Principal) -> None:
     if not principal.is_admin:
         raise Forbidden("this needs an admin key; create one with `soma keys create --tenant T --admin`")
+
+
+def _key_capabilities(principal: Principal | None, scope: str, requested: list[str] | None) -> frozenset[str]:
+    """What a new key may do: admin keys everything; tenant keys the tenant's capabilities, narrowed to
+    `requested` and to what the creator holds."""
+    if scope == "admin":
+        if requested is not None:
+            raise InvalidRequest(
+                "admin keys hold every capability; omit `capabilities`", param="capabilities"
+            )
+        return OPERATOR_CAPABILITIES
+    try:
+        wanted = TENANT_CAPABILITIES if requested is None else parse_capabilities(requested)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="capabilities") from exc
+    outside = wanted - TENANT_CAPABILITIES
+    if outside:
+        raise InvalidRequest(
+            f"{', '.join(sorted(outside))} cannot be given to a tenant key", param="capabilities"
+        )
+    if principal is None:
+        return wanted
+    if requested is None:
+        return wanted & principal.capabilities
+    missing = wanted - principal.capabilities
+    if missing:
+        raise Forbidden(
+            f"you cannot grant {', '.join(sorted(missing))}: you do not hold it", code="capability_escalation"
+        )
+    return wanted
+
+
+def key_capabilities(key_scope: str, stored: str) -> frozenset[str]:
+    """The capabilities a stored key carries (admin keys follow the current operator set)."""
+    return OPERATOR_CAPABILITIES if key_scope == "admin" else frozenset(stored.split())
 
 
 async def create_tenant(session: AsyncSession, principal: Principal | None, name: str) -> Tenant:
@@ -91,8 +127,10 @@ async def create_key(
     tenant_ref: str,
     name: str,
     scope: str = "tenant",
+    capabilities: list[str] | None = None,
 ) -> CreatedKey:
-    """Create an API key for a tenant. Only admins create admin keys or keys for other tenants."""
+    """Create an API key for a tenant. Only operators create admin keys or keys for other tenants, and
+    nobody creates a key with a capability they do not hold themselves."""
     if scope not in KEY_SCOPES:
         raise InvalidRequest(f"scope must be one of {KEY_SCOPES}, not {scope!r}", param="scope")
     if not name or len(name) > 64:
@@ -100,6 +138,7 @@ async def create_key(
     tenant = await get_tenant(session, principal, tenant_ref)
     if principal is not None and scope == "admin":
         _require_admin(principal)
+    granted = _key_capabilities(principal, scope, capabilities)
     plaintext = generate_key()
     key = ApiKey(
         id=new_id("key"),
@@ -108,10 +147,20 @@ async def create_key(
         prefix=visible_prefix(plaintext),
         key_hash=hash_key(secret, plaintext),
         scope=scope,
+        capabilities=" ".join(sorted(granted)),
         created_at=utcnow(),
     )
     session.add(key)
-    _audit(session, _actor(principal), tenant.id, "api_key.created", key_id=key.id, name=name, scope=scope)
+    _audit(
+        session,
+        _actor(principal),
+        tenant.id,
+        "api_key.created",
+        key_id=key.id,
+        name=name,
+        scope=scope,
+        capabilities=sorted(granted),
+    )
     await session.flush()
     return CreatedKey(key=key, secret=plaintext)
 
@@ -140,6 +189,8 @@ async def revoke_key(session: AsyncSession, principal: Principal | None, key_ref
     if len(keys) > 1:
         raise InvalidRequest(f"{key_ref!r} matches {len(keys)} keys; use the key id", param="key")
     key = keys[0]
+    if key.scope == "admin" and principal is not None and not principal.is_admin:
+        raise Forbidden("only an operator may revoke an admin key")
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         await bump_revocation_epoch(session)

@@ -31,7 +31,7 @@ from sqlalchemy.orm import undefer
 
 from somaagent.core.clock import utcnow
 from somaagent.core.errors import Overloaded, SomaError
-from somaagent.core.principal import Principal
+from somaagent.core.principal import OPERATOR, Principal
 from somaagent.memory.chunking import Chunk, TokenCounter, chunk_sections
 from somaagent.memory.documents import COMPLETED, FAILED, PROCESSING, QUEUED, DocumentSettings, remove_chunks
 from somaagent.memory.extraction import sections_of
@@ -334,9 +334,10 @@ class DocumentWorker:
 
 
 def _principal_of(document: MemoryDocument) -> Principal:
-    return Principal(
-        document.tenant_id, document.tenant_name, document.subject, document.key_id, document.is_admin
-    )
+    # The worker only embeds and meters on the uploader's behalf; whether they were an operator decides
+    # which models they may use, and that is all of their capabilities the job needs.
+    capabilities = frozenset({OPERATOR}) if document.is_admin else frozenset[str]()
+    return Principal(document.tenant_id, document.tenant_name, document.subject, document.key_id, capabilities)
 
 
 def _chunk_metadata(document: MemoryDocument, chunk: Chunk) -> dict[str, Any]:

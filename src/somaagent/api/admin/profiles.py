@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from somaagent.api.deps import PrincipalDep, ServicesDep, SessionDep
+from somaagent.api.deps import ChatUseDep, ModelsAdminDep, ServicesDep, SessionDep
 from somaagent.api.openai.docs import error_responses
 from somaagent.core.pagination import ListOut
 from somaagent.identity.service import get_tenant
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/model-profiles", tags=["Models"])
 
 @router.get("", response_model=ListOut[ProfileOut], responses=error_responses(401, 404))
 async def list_profiles(
-    principal: PrincipalDep, session: SessionDep, tenant: str | None = None
+    principal: ChatUseDep, session: SessionDep, tenant: str | None = None
 ) -> ListOut[ProfileOut]:
     tenant_id = (await get_tenant(session, principal, tenant)).id if tenant else principal.tenant_id
     return ListOut(data=[ProfileOut.of(p) for p in await profiles.list_profiles(session, tenant_id)])
@@ -25,7 +25,7 @@ async def list_profiles(
 
 @router.put("/{role}", response_model=ProfileOut, responses=error_responses(400, 401, 404))
 async def set_profile(
-    role: str, body: ProfileSet, principal: PrincipalDep, services: ServicesDep, session: SessionDep
+    role: str, body: ProfileSet, principal: ModelsAdminDep, services: ServicesDep, session: SessionDep
 ) -> ProfileOut:
     tenant_id = (await get_tenant(session, principal, body.tenant)).id if body.tenant else principal.tenant_id
     profile = await profiles.set_profile(session, services.catalog, principal, tenant_id, role, body.models)
@@ -36,7 +36,11 @@ async def set_profile(
 
 @router.delete("/{role}", status_code=204, responses=error_responses(400, 401, 404))
 async def delete_profile(
-    role: str, principal: PrincipalDep, services: ServicesDep, session: SessionDep, tenant: str | None = None
+    role: str,
+    principal: ModelsAdminDep,
+    services: ServicesDep,
+    session: SessionDep,
+    tenant: str | None = None,
 ) -> Response:
     tenant_id = (await get_tenant(session, principal, tenant)).id if tenant else principal.tenant_id
     await profiles.delete_profile(session, tenant_id, role)

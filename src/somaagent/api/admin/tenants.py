@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from somaagent.api.deps import AdminDep, PrincipalDep, SessionDep
+from somaagent.api.deps import ChatUseDep, OperatorDep, SessionDep
 from somaagent.api.openai.docs import error_responses
 from somaagent.core.pagination import ListOut
 from somaagent.identity import service
@@ -14,17 +14,17 @@ router = APIRouter(prefix="/v1/tenants", tags=["Tenants"])
 
 
 @router.post("", response_model=TenantOut, status_code=201, responses=error_responses(400, 401, 403, 409))
-async def create_tenant(body: TenantCreate, principal: AdminDep, session: SessionDep) -> TenantOut:
+async def create_tenant(body: TenantCreate, principal: OperatorDep, session: SessionDep) -> TenantOut:
     tenant = await service.create_tenant(session, principal, body.name)
     await session.commit()
     return TenantOut.of(tenant)
 
 
 @router.get("", response_model=ListOut[TenantOut], responses=error_responses(401))
-async def list_tenants(principal: PrincipalDep, session: SessionDep) -> ListOut[TenantOut]:
+async def list_tenants(principal: ChatUseDep, session: SessionDep) -> ListOut[TenantOut]:
     return ListOut(data=[TenantOut.of(t) for t in await service.list_tenants(session, principal)])
 
 
 @router.get("/{tenant}", response_model=TenantOut, responses=error_responses(401, 404))
-async def get_tenant(tenant: str, principal: PrincipalDep, session: SessionDep) -> TenantOut:
+async def get_tenant(tenant: str, principal: ChatUseDep, session: SessionDep) -> TenantOut:
     return TenantOut.of(await service.get_tenant(session, principal, tenant))

@@ -12,7 +12,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
-from somaagent.api.deps import PrincipalDep, ServicesDep
+from somaagent.api.deps import InferenceDep, ServicesDep
 from somaagent.api.errors import error_body, status_for
 from somaagent.api.metering import record_model_call
 from somaagent.api.openai.agent_chat import agent_completion, is_agent_model
@@ -41,7 +41,7 @@ class ClientGone(Exception):
     summary="Create a chat completion (OpenAI-compatible; `stream: true` for SSE)",
 )
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, principal: PrincipalDep, services: ServicesDep
+    body: ChatCompletionRequest, request: Request, principal: InferenceDep, services: ServicesDep
 ) -> Response:
     chat = body.to_chat_request()
     if is_agent_model(chat.model):

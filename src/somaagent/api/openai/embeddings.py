@@ -8,7 +8,7 @@ import orjson
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from somaagent.api.deps import PrincipalDep, ServicesDep
+from somaagent.api.deps import InferenceDep, ServicesDep
 from somaagent.api.metering import record_model_call
 from somaagent.api.openai.docs import EmbeddingListOut, error_responses
 from somaagent.api.openai.render import completion_id, embeddings_json
@@ -27,7 +27,7 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
     summary="Create embeddings (OpenAI-compatible)",
 )
 async def create_embeddings(
-    body: EmbeddingRequest, principal: PrincipalDep, services: ServicesDep
+    body: EmbeddingRequest, principal: InferenceDep, services: ServicesDep
 ) -> Response:
     request_id = current_request_id() or completion_id()
     started = time.perf_counter()

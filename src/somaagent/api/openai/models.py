@@ -8,7 +8,7 @@ import orjson
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from somaagent.api.deps import PrincipalDep, ServicesDep
+from somaagent.api.deps import ChatUseDep, ServicesDep
 from somaagent.api.openai.docs import ModelListOut, ModelOut, error_responses
 from somaagent.api.services import Services
 from somaagent.core.errors import NotFound
@@ -41,7 +41,7 @@ def _owner(provider: str) -> str:
 
 
 @router.get("/models", response_model=ModelListOut, responses=error_responses(401), summary="List models")
-async def list_models(principal: PrincipalDep, services: ServicesDep) -> Response:
+async def list_models(principal: ChatUseDep, services: ServicesDep) -> Response:
     payload = {"object": "list", "data": await _visible_models(services, principal)}
     return Response(orjson.dumps(payload), media_type="application/json")
 
@@ -52,7 +52,7 @@ async def list_models(principal: PrincipalDep, services: ServicesDep) -> Respons
     responses=error_responses(401, 404),
     summary="Get a model",
 )
-async def retrieve_model(model_id: str, principal: PrincipalDep, services: ServicesDep) -> Response:
+async def retrieve_model(model_id: str, principal: ChatUseDep, services: ServicesDep) -> Response:
     models = await _visible_models(services, principal)
     for model in models:
         if model["id"] == model_id:

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import somaagent.agents.tables
 import somaagent.analytics.tables
+import somaagent.audit.tables
 import somaagent.events.tables
 import somaagent.identity.tables
 import somaagent.memory.tables
