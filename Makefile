@@ -14,7 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Real MCP servers the tests talk to (npm, locked): the reference "everything" server.
 MCP_NPM := tests/support/mcp_npm
 
-install: system-packages $(BIN)/soma $(MCP_NPM)/node_modules/.package-lock.json
+install: system-packages $(BIN)/soma $(MCP_NPM)/node_modules/.package-lock.json tests/support/oidc_idp/node_modules/.package-lock.json
 
 # Debian packages the platform runs: bubblewrap isolates the `python` tool's sandbox; node and npm
 # run the npm MCP server of the tests.
@@ -24,6 +24,10 @@ system-packages:
 
 $(MCP_NPM)/node_modules/.package-lock.json: $(MCP_NPM)/package-lock.json
 	npm ci --prefix $(MCP_NPM) --no-audit --no-fund --silent
+
+# The real OIDC provider (npm oidc-provider) the federation tests get access tokens from.
+tests/support/oidc_idp/node_modules/.package-lock.json: tests/support/oidc_idp/package-lock.json
+	npm ci --prefix tests/support/oidc_idp --no-audit --no-fund --silent
 
 $(BIN)/soma: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)

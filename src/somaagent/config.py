@@ -129,6 +129,40 @@ class Settings(BaseSettings):
     mcp_call_timeout_s: float = Field(default=30.0, gt=0, description="One MCP request (list or call).")
     mcp_max_connections: int = Field(default=64, ge=1, description="MCP sessions kept open per process.")
 
+    # Identity: tokens, logins, MFA, federation.
+    jwt_issuer: str = Field(default="somaagent", description="`iss` of the access tokens this server signs.")
+    jwt_audience: str = Field(
+        default="somaagent", description="`aud` of the access tokens this server signs."
+    )
+    jwt_algorithm: Literal["EdDSA", "RS256"] = Field(
+        default="EdDSA",
+        description="Signing algorithm of new keys: Ed25519, or RSA-2048 for older verifiers.",
+    )
+    access_token_ttl_s: int = Field(default=900, ge=30, le=86_400, description="Lifetime of access tokens.")
+    refresh_token_ttl_s: float = Field(
+        default=30 * 86_400,
+        gt=0,
+        description="A refresh token unused for this long expires (each use rotates it).",
+    )
+    signing_key_max_age_s: float = Field(
+        default=30 * 86_400, gt=0, description="Signing keys older than this are rotated automatically."
+    )
+    mfa_issuer: str = Field(default="SomaAgent", description="The issuer label authenticator apps show.")
+    login_account_failures: int = Field(
+        default=5, ge=1, description="Failed logins of one account within the window that lock it."
+    )
+    login_address_failures: int = Field(
+        default=50, ge=1, description="Failed logins from one client address within the window that lock it."
+    )
+    login_window_s: float = Field(default=900.0, gt=0, description="The failed-login counting window.")
+    login_lockout_s: float = Field(default=900.0, gt=0, description="How long a lockout lasts.")
+    oidc_jwks_ttl_s: float = Field(
+        default=300.0, gt=0, description="How long a trusted IdP's JWKS is cached."
+    )
+    oidc_min_refetch_s: float = Field(
+        default=5.0, ge=0, description="An unknown `kid` refetches the IdP's JWKS at most this often."
+    )
+
     # HTTP edge.
     max_body_bytes: int = 4 * 1024 * 1024
     log_level: str = "INFO"
@@ -140,7 +174,9 @@ class Settings(BaseSettings):
     last_used_flush_s: float = 10.0
     revocation_poll_s: float = 0.5
     training_lock_ttl_s: float = Field(
-        default=1.0, gt=0, description="How long a replica trusts its cached view of a tenant's training lock."
+        default=1.0,
+        gt=0,
+        description="How long a replica trusts its cached view of a tenant's training lock.",
     )
 
     @field_validator("data_dir")

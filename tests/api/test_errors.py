@@ -110,22 +110,54 @@ def test_revoked_key_is_401_on_the_very_next_request(
         tenant.oai.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
 
 
-@pytest.mark.parametrize(
-    ("path", "body"),
-    [("/v1/tenants", {"name": "sneaky"}), ("/v1/keys", {"tenant": "sneaky", "name": "x"})],
-    ids=["create-tenant", "create-key"],
-)
-def test_tenant_key_on_admin_endpoints_is_403(tenant: TenantCtx, path: str, body: dict[str, str]) -> None:
-    error = api_error(tenant.http.post(path, json=body), 403)
+def test_tenant_key_cannot_create_tenants(tenant: TenantCtx) -> None:
+    error = api_error(tenant.http.post("/v1/tenants", json={"name": "sneaky"}), 403)
     assert error["type"] == "permission_error"
-    assert error["code"] == "forbidden"
+    assert error["code"] == "missing_capability"
+    assert "`tenants:admin`" in error["message"]
+
+
+def test_tenant_key_cannot_create_keys_elsewhere_or_admin_keys(
+    new_tenant: Callable[..., TenantCtx], admin: httpx.Client
+) -> None:
+    mine, other = new_tenant(), new_tenant()
+    elsewhere = mine.http.post("/v1/keys", json={"tenant": other.name, "name": "x"})
+    assert api_error(elsewhere, 404)["param"] == "tenant"
+    error = api_error(mine.http.post("/v1/keys", json={"name": "x", "scope": "admin"}), 403)
     assert "admin key" in error["message"]
+    assert api_error(mine.http.delete(f"/v1/keys/{other.key_id}"), 404)["param"] == "key"
+    # An owner-level key of the operator's own tenant still cannot revoke the operator's admin key.
+    admin_key_id = next(k["id"] for k in admin.get("/v1/keys").json()["data"] if k["scope"] == "admin")
+    home = new_tenant("default")
+    assert api_error(home.http.delete(f"/v1/keys/{admin_key_id}"), 403)["code"] == "forbidden"
+    assert other.http.get("/v1/models").status_code == 200  # the other tenant's key still works
 
 
-def test_tenant_key_cannot_revoke_keys(tenant: TenantCtx) -> None:
-    error = api_error(tenant.http.delete(f"/v1/keys/{tenant.key_id}"), 403)
-    assert error["code"] == "forbidden"
-    assert tenant.http.get("/v1/models").status_code == 200  # the key still works
+def test_key_capabilities_are_a_subset_of_the_creators(tenant: TenantCtx, server: SomaServer) -> None:
+    narrow = tenant.http.post("/v1/keys", json={"name": "chat-only", "capabilities": ["chat:use"]})
+    assert narrow.status_code == 201, narrow.text
+    assert narrow.json()["capabilities"] == ["chat:use"]
+    with anonymous(server, {"authorization": f"Bearer {narrow.json()['key']}"}) as chat_only:
+        assert chat_only.get("/v1/models").status_code == 200
+        error = api_error(chat_only.post("/v1/memory/remember", json={"text": "x"}), 403)
+        assert error["code"] == "missing_capability" and "`memory:write`" in error["message"]
+        # A narrow key cannot mint a broader one (it lacks keys:admin in the first place).
+        assert (
+            api_error(chat_only.post("/v1/keys", json={"name": "wider"}), 403)["code"] == "missing_capability"
+        )
+    unknown = api_error(tenant.http.post("/v1/keys", json={"name": "x", "capabilities": ["root"]}), 400)
+    assert unknown["param"] == "capabilities" and "'root'" in unknown["message"]
+    operator_only = tenant.http.post("/v1/keys", json={"name": "x", "capabilities": ["tenants:admin"]})
+    assert api_error(operator_only, 400)["param"] == "capabilities"
+
+
+def test_tenant_key_revokes_its_own_tenants_keys(tenant: TenantCtx, server: SomaServer) -> None:
+    spare = tenant.http.post("/v1/keys", json={"name": "spare"}).json()
+    revoked = tenant.http.delete(f"/v1/keys/{spare['id']}")
+    assert revoked.status_code == 200, revoked.text
+    with anonymous(server, {"authorization": f"Bearer {spare['key']}"}) as client:
+        assert api_error(client.get("/v1/models"), 401)["code"] == "invalid_api_key"
+    assert tenant.http.get("/v1/models").status_code == 200  # the creator's key still works
 
 
 # --- 404 / 405 ----------------------------------------------------------------------------------------------

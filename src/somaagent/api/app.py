@@ -19,7 +19,8 @@ from somaagent.agents.loop import AgentDeps
 from somaagent.agents.runs import RunEngine, RunSettings
 from somaagent.analytics.usage import UsageConsumer
 from somaagent.api import audit as audit_api
-from somaagent.api import health, memory_documents, personas, tools, usage
+from somaagent.api import auth, health, jwks, memory_documents, mfa, personas, tools, usage, users
+from somaagent.api import federation as federation_api
 from somaagent.api import mcp_servers as mcp_servers_api
 from somaagent.api import memory as memory_api
 from somaagent.api import sessions as sessions_api
@@ -40,7 +41,12 @@ from somaagent.events.bus import InProcessBus
 from somaagent.events.outbox import BufferedEmitter
 from somaagent.events.relay import OutboxRelay
 from somaagent.events.schemas import AUDIT_EVENTS, MODEL_USAGE
-from somaagent.identity.authenticator import KeyAuthenticator
+from somaagent.identity.authenticator import Authenticator, KeyAuthenticator
+from somaagent.identity.federation import FederationVerifier
+from somaagent.identity.login import LoginSettings, Logins
+from somaagent.identity.secret_box import SecretBox, derive_key
+from somaagent.identity.throttle import ThrottlePolicy
+from somaagent.identity.tokens import TokenService, TokenSettings
 from somaagent.identity.training import TrainingLocks
 from somaagent.memory.index import ExactIndex, Int8Index, UsearchIndex
 from somaagent.memory.indexes import IndexFactory, SyncedIndexes
@@ -266,18 +272,62 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         ),
         on_outbox=relay.poke,
     )
+    tokens = TokenService(
+        sessions,
+        SecretBox(secret, "signing-keys"),
+        TokenSettings(
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            algorithm=settings.jwt_algorithm,
+            access_ttl_s=settings.access_token_ttl_s,
+            key_max_age_s=settings.signing_key_max_age_s,
+            poll_s=settings.revocation_poll_s,
+        ),
+    )
+    mfa_box = SecretBox(secret, "totp")
+    recovery_key = derive_key(secret, "recovery-codes")
+    logins = Logins(
+        sessions,
+        tokens,
+        mfa_box,
+        recovery_key,
+        derive_key(secret, "refresh-tokens"),
+        LoginSettings(
+            refresh_ttl_s=settings.refresh_token_ttl_s,
+            access_ttl_s=settings.access_token_ttl_s,
+            throttle=ThrottlePolicy(
+                account_failures=settings.login_account_failures,
+                address_failures=settings.login_address_failures,
+                window_s=settings.login_window_s,
+                lockout_s=settings.login_lockout_s,
+            ),
+        ),
+    )
+    federation = FederationVerifier(
+        sessions, jwks_ttl_s=settings.oidc_jwks_ttl_s, min_refetch_s=settings.oidc_min_refetch_s
+    )
     services = Services(
         settings=settings,
         engine=engine,
         sessions=sessions,
         secret=secret,
-        authenticator=KeyAuthenticator(
-            sessions,
-            secret,
-            settings.key_cache_ttl_s,
-            settings.revocation_poll_s,
-            settings.last_used_flush_s,
+        authenticator=Authenticator(
+            KeyAuthenticator(
+                sessions,
+                secret,
+                settings.key_cache_ttl_s,
+                settings.revocation_poll_s,
+                settings.last_used_flush_s,
+            ),
+            tokens,
+            federation,
+            settings.jwt_issuer,
         ),
+        tokens=tokens,
+        logins=logins,
+        federation=federation,
+        mfa_box=mfa_box,
+        recovery_key=recovery_key,
         catalog=catalog,
         router=router,
         bus=bus,
@@ -336,6 +386,8 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         app.include_router(module.router)
     for module in (sessions_api, mcp_servers_api, audit_api, training_api, health):
         app.include_router(module.router)
+    for module in (auth, mfa, users, federation_api, jwks):
+        app.include_router(module.router)
     app.add_middleware(
         EdgeMiddleware,
         metrics=metrics,
@@ -349,9 +401,18 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     """The OpenAPI document, without FastAPI's default 422 (we answer invalid input with 400)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(auth.OPENAPI_SCHEMAS)
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
                 responses = operation.get("responses", {})
+                if operation.get("security") and "403" not in responses:
+                    # Every guarded route answers 403 to a credential without its capability.
+                    responses["403"] = {
+                        "description": "The credential lacks the capability this needs",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+                        },
+                    }
                 invalid = responses.pop("422", None)
                 if invalid is not None and "400" not in responses:
                     responses["400"] = {

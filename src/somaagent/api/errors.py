@@ -96,7 +96,9 @@ def soma_error_response(exc: SomaError) -> Response:
     headers = error_headers(exc)
     if isinstance(exc, Unauthenticated):
         headers["www-authenticate"] = "Bearer"
-    return _json(status, error_body(exc.message, type_, exc.code, exc.param), headers)
+    body = error_body(exc.message, type_, exc.code, exc.param)
+    body["error"].update(exc.extra)
+    return _json(status, body, headers)
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:

@@ -12,7 +12,11 @@ from somaagent.config import Settings
 from somaagent.events.bus import InProcessBus
 from somaagent.events.outbox import BufferedEmitter
 from somaagent.events.relay import OutboxRelay
-from somaagent.identity.authenticator import KeyAuthenticator
+from somaagent.identity.authenticator import Authenticator
+from somaagent.identity.federation import FederationVerifier
+from somaagent.identity.login import Logins
+from somaagent.identity.secret_box import SecretBox
+from somaagent.identity.tokens import TokenService
 from somaagent.identity.training import TrainingLocks
 from somaagent.memory.document_worker import DocumentWorker
 from somaagent.memory.documents import DocumentIngest
@@ -34,7 +38,12 @@ class Services:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     secret: bytes
-    authenticator: KeyAuthenticator
+    authenticator: Authenticator
+    tokens: TokenService
+    logins: Logins
+    federation: FederationVerifier
+    mfa_box: SecretBox  # seals TOTP secrets
+    recovery_key: bytes  # keys the hashes of MFA recovery codes
     catalog: ModelCatalog
     router: ModelRouter
     bus: InProcessBus

@@ -104,7 +104,7 @@ async def export_session(session_id: str, principal: ChatUseDep, session: Sessio
     "/{session_id}/messages",
     status_code=200,
     responses={
-        **error_responses(400, 401, 404, 409),
+        **error_responses(400, 401, 404, 409, 423),
         200: {
             "model": RunOut,
             "description": "An SSE stream of run events (`stream: true`, the default), or the finished run.",

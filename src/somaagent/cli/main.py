@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from somaagent.cli import admin, chat_cmd, memory_cmd, serve_cmd
+from somaagent.cli import admin, chat_cmd, federation_cmd, memory_cmd, serve_cmd, signing_cmd, users_cmd
 
 app = typer.Typer(
     name="soma",
@@ -19,10 +19,13 @@ app = typer.Typer(
 app.command("serve")(serve_cmd.serve)
 app.command("migrate")(admin.migrate_cmd)
 app.command("chat")(chat_cmd.chat)
+admin.tenants.command("trust-oidc")(federation_cmd.trust_oidc)
+admin.keys.command("rotate-signing")(signing_cmd.rotate_signing)
 app.add_typer(admin.tenants, name="tenants")
 app.add_typer(admin.keys, name="keys")
 app.add_typer(admin.models, name="models")
 app.add_typer(memory_cmd.memory, name="memory")
+app.add_typer(users_cmd.users, name="users")
 
 
 @app.callback()

@@ -10,8 +10,8 @@ import typer
 from somaagent.config import Settings
 from somaagent.core.errors import SomaError
 from somaagent.core.principal import Principal
-from somaagent.identity.capabilities import OPERATOR_CAPABILITIES
 from somaagent.db import migrate
+from somaagent.identity.capabilities import OPERATOR_CAPABILITIES
 
 memory = typer.Typer(help="Manage long-term memory.", no_args_is_help=True)
 

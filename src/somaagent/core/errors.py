@@ -16,6 +16,8 @@ class SomaError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+        # Fields beside message/type/param/code in the error body (an MFA login's challenge token).
+        self.extra: dict[str, str] = {}
         if code is not None:
             self.code = code
 

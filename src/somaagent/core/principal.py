@@ -20,6 +20,7 @@ class Principal:
     user_id: str | None = None
     role: str | None = None  # a user's role; None for API keys and the CLI
     token_id: str | None = None  # the access token's `jti`, when authenticated by a token
+    login_id: str | None = None  # the token's login (refresh-token family), so logout can end all of it
 
     @property
     def is_admin(self) -> bool:

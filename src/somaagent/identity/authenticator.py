@@ -1,4 +1,5 @@
-"""Bearer key → `Principal`, with an in-process cache that revocations invalidate."""
+"""Bearer credential → `Principal`: API keys (with an in-process cache that revocations invalidate),
+SomaAgent's own access tokens, and access tokens of OIDC providers a tenant trusts."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from somaagent.core.clock import utcnow
 from somaagent.core.errors import Unauthenticated
 from somaagent.core.principal import Principal
-from somaagent.identity.keys import hash_key, looks_like_key
+from somaagent.identity.federation import FederationVerifier
+from somaagent.identity.keys import KEY_PREFIX, hash_key, looks_like_key
 from somaagent.identity.service import key_capabilities, revocation_epoch, touch_keys
 from somaagent.identity.tables import ApiKey, Tenant
+from somaagent.identity.tokens import TokenService, looks_like_jwt, unverified_issuer
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +48,9 @@ class KeyAuthenticator:
         self._epoch = -1
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def authenticate(self, authorization: str | None) -> Principal:
-        """The principal for an `Authorization: Bearer <key>` header value, or `Unauthenticated`."""
-        if not authorization:
-            raise Unauthenticated(
-                "missing API key: send `Authorization: Bearer <key>`; create a key with "
-                "`soma keys create --tenant T`"
-            )
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not looks_like_key(token):
+    async def authenticate_key(self, token: str) -> Principal:
+        """The principal of an API key, or `Unauthenticated`."""
+        if not looks_like_key(token):
             raise Unauthenticated("malformed API key: expected `Authorization: Bearer sk-soma-...`")
         digest = hash_key(self._secret, token)
         cached = self._cache.get(digest)
@@ -146,3 +142,60 @@ class KeyAuthenticator:
         if pending:
             async with self._sessions() as session, session.begin():
                 await touch_keys(session, pending)
+
+
+class Authenticator:
+    """Routes a bearer credential to what can verify it: API keys by their prefix, JWTs by their issuer
+    (ours, or an OIDC provider some tenant trusts)."""
+
+    def __init__(
+        self, keys: KeyAuthenticator, tokens: TokenService, federation: FederationVerifier, issuer: str
+    ) -> None:
+        self.keys = keys
+        self.tokens = tokens
+        self.federation = federation
+        self._issuer = issuer
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The principal for an `Authorization: Bearer <credential>` header value, or `Unauthenticated`."""
+        if not authorization:
+            raise Unauthenticated(
+                "missing credentials: send `Authorization: Bearer <API key or access token>`; create a key "
+                "with `soma keys create --tenant T` or log in with POST /v1/auth/token"
+            )
+        scheme, _, credential = authorization.partition(" ")
+        credential = credential.strip()
+        if scheme.lower() != "bearer":
+            raise Unauthenticated("malformed credentials: expected `Authorization: Bearer <credential>`")
+        if credential.startswith(KEY_PREFIX):
+            return await self.keys.authenticate_key(credential)
+        if looks_like_jwt(credential):
+            issuer = unverified_issuer(credential)
+            if issuer == self._issuer:
+                return await self.tokens.verify_access_token(credential)
+            federated = await self.federation.verify(credential)
+            if federated is not None:
+                return federated
+            raise Unauthenticated(
+                f"no tenant trusts tokens from issuer {str(issuer)[:200]!r}; an operator adds one with "
+                "`soma tenants trust-oidc`",
+                code="invalid_token",
+            )
+        raise Unauthenticated(
+            "malformed credentials: expected an API key (`sk-soma-...`) or an access token (a JWT)"
+        )
+
+    def invalidate(self) -> None:
+        """Forget cached API keys (after a revocation in this process)."""
+        self.keys.invalidate()
+
+    def start(self) -> None:
+        """Begin the key cache's and the token service's background work."""
+        self.keys.start()
+        self.tokens.start()
+
+    async def close(self) -> None:
+        """Stop background work."""
+        await self.keys.close()
+        await self.tokens.close()
+        await self.federation.close()

@@ -25,10 +25,17 @@ class TenantOut(BaseModel):
     name: str
     created_at: datetime
     disabled: bool
+    require_mfa: bool
 
     @classmethod
     def of(cls, tenant: Tenant) -> TenantOut:
-        return cls(id=tenant.id, name=tenant.name, created_at=tenant.created_at, disabled=tenant.disabled)
+        return cls(
+            id=tenant.id,
+            name=tenant.name,
+            created_at=tenant.created_at,
+            disabled=tenant.disabled,
+            require_mfa=tenant.require_mfa,
+        )
 
 
 class KeyCreate(_Strict):

@@ -13,6 +13,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 _VERSION = "v1"
 
 
+def derive_key(server_secret: bytes, purpose: str) -> bytes:
+    """A 32-byte key for one purpose (HMAC of recovery codes, refresh tokens), independent of the others."""
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"somaagent/key/" + purpose.encode()
+    ).derive(server_secret)
+
+
 class SecretBox:
     """Seals and opens short secrets. Each purpose gets its own derived key, bound as associated data."""
 

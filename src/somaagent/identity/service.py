@@ -112,6 +112,32 @@ async def get_tenant(session: AsyncSession, principal: Principal | None, ref: st
     return tenant
 
 
+async def update_tenant(
+    session: AsyncSession,
+    principal: Principal | None,
+    ref: str,
+    *,
+    require_mfa: bool | None = None,
+    disabled: bool | None = None,
+) -> Tenant:
+    """Change a tenant's security settings; only operators disable tenants."""
+    tenant = await get_tenant(session, principal, ref)
+    if disabled is not None and principal is not None:
+        _require_admin(principal)
+    changes: dict[str, object] = {}
+    if require_mfa is not None and require_mfa != tenant.require_mfa:
+        tenant.require_mfa = require_mfa
+        changes["require_mfa"] = require_mfa
+    if disabled is not None and disabled != tenant.disabled:
+        tenant.disabled = disabled
+        changes["disabled"] = disabled
+        await bump_revocation_epoch(session)  # key caches must notice a disabled tenant
+    if changes:
+        _audit(session, _actor(principal), tenant.id, "tenant.updated", **changes)
+        await session.flush()
+    return tenant
+
+
 async def act_for_tenant(session: AsyncSession, principal: Principal, ref: str | None) -> Principal:
     """The caller acting on tenant `ref` (id or name): admins may name any tenant, others only their own."""
     if ref is None:

@@ -1,13 +1,14 @@
-"""`/v1/tenants`: create (admin), list and get (admins see all, tenants see themselves)."""
+"""`/v1/tenants`: create (operators), list and get (operators see all, tenants themselves), settings."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from somaagent.api.deps import ChatUseDep, OperatorDep, SessionDep
+from somaagent.api.deps import ChatUseDep, OperatorDep, SessionDep, UsersAdminDep
 from somaagent.api.openai.docs import error_responses
 from somaagent.core.pagination import ListOut
 from somaagent.identity import service
+from somaagent.identity.auth_schemas import TenantPatch
 from somaagent.identity.schemas import TenantCreate, TenantOut
 
 router = APIRouter(prefix="/v1/tenants", tags=["Tenants"])
@@ -28,3 +29,15 @@ async def list_tenants(principal: ChatUseDep, session: SessionDep) -> ListOut[Te
 @router.get("/{tenant}", response_model=TenantOut, responses=error_responses(401, 404))
 async def get_tenant(tenant: str, principal: ChatUseDep, session: SessionDep) -> TenantOut:
     return TenantOut.of(await service.get_tenant(session, principal, tenant))
+
+
+@router.patch("/{tenant}", response_model=TenantOut, responses=error_responses(400, 401, 403, 404))
+async def update_tenant(
+    tenant: str, body: TenantPatch, principal: UsersAdminDep, session: SessionDep
+) -> TenantOut:
+    """Require MFA of every user (`users:admin`), or disable the tenant (operators)."""
+    updated = await service.update_tenant(
+        session, principal, tenant, require_mfa=body.require_mfa, disabled=body.disabled
+    )
+    await session.commit()
+    return TenantOut.of(updated)

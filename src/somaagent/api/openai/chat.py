@@ -37,7 +37,7 @@ class ClientGone(Exception):
 @router.post(
     "/chat/completions",
     response_model=ChatCompletionOut,
-    responses=error_responses(400, 401, 404, 413, 502, 503),
+    responses=error_responses(400, 401, 404, 413, 423, 502, 503),
     summary="Create a chat completion (OpenAI-compatible; `stream: true` for SSE)",
 )
 async def create_chat_completion(

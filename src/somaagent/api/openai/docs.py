@@ -24,11 +24,12 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route: the listed statuses, each with the error schema."""
     described = {
         400: "Invalid request (the message names the parameter)",
-        401: "Missing, invalid or revoked API key",
-        403: "The key may not do this",
+        401: "Missing, invalid, expired or revoked credentials",
+        403: "The credential lacks the capability this needs",
         404: "Not found (for models: the message lists the available ids)",
         409: "Conflicts with existing state",
         413: "Request body too large",
+        423: "The tenant is in training mode (the message names the lock holder)",
         429: "Rate limited (see Retry-After)",
         502: "Every upstream model failed",
         503: "Model queue full (see Retry-After)",

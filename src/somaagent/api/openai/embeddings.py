@@ -23,7 +23,7 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 @router.post(
     "/embeddings",
     response_model=EmbeddingListOut,
-    responses=error_responses(400, 401, 404, 413, 502, 503),
+    responses=error_responses(400, 401, 404, 413, 423, 502, 503),
     summary="Create embeddings (OpenAI-compatible)",
 )
 async def create_embeddings(

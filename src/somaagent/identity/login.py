@@ -1,0 +1,363 @@
+"""Logging in: the OAuth2 grants behind `POST /v1/auth/token` (password with an optional second factor,
+the MFA step, refresh with rotation and reuse detection, client credentials), and logging out.
+
+Unknown users, wrong passwords, disabled accounts and wrong codes all get the same answer, cost the same
+argon2 verification, and count against the same per-account and per-address throttles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from somaagent.core.clock import utcnow
+from somaagent.core.errors import Unauthenticated
+from somaagent.core.ids import new_id
+from somaagent.core.principal import Principal
+from somaagent.identity import mfa
+from somaagent.identity.capabilities import ROLE_CAPABILITIES, Capability, capabilities_of_role
+from somaagent.identity.passwords import hash_secret, needs_rehash, verify_secret
+from somaagent.identity.secret_box import SecretBox
+from somaagent.identity.tables import RefreshToken, Tenant, User
+from somaagent.identity.throttle import ThrottlePolicy, account_key, address_key, clear, ensure_not_locked
+from somaagent.identity.throttle import record_failure as count_failure
+from somaagent.identity.tokens import TokenService
+from somaagent.identity.users import audit
+
+REFRESH_PREFIX = "rt-soma-"
+INVALID_LOGIN = "invalid username or password"
+
+
+class InvalidGrant(Unauthenticated):
+    """The credentials of a grant are wrong (the message never says which part)."""
+
+    code = "invalid_grant"
+
+
+class MfaRequired(Unauthenticated):
+    """The password was right and the account has a second factor: send it with the `mfa_token`."""
+
+    code = "mfa_required"
+
+    def __init__(self, mfa_token: str) -> None:
+        super().__init__(
+            "this account needs a second factor: POST /v1/auth/token with "
+            f"grant_type={MFA_GRANT}, the mfa_token and an otp (or a recovery code)"
+        )
+        self.extra = {"mfa_token": mfa_token}
+
+
+MFA_GRANT = "urn:somaagent:grant-type:mfa-otp"
+
+
+@dataclass(frozen=True, slots=True)
+class LoginSettings:
+    """How long logins last and how failures are throttled."""
+
+    refresh_ttl_s: float
+    access_ttl_s: float
+    throttle: ThrottlePolicy
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    """What `/v1/auth/token` answers (RFC 6749 §5.1)."""
+
+    access_token: str
+    expires_in: int
+    refresh_token: str | None
+    scope: str
+
+
+class Logins:
+    """The grants, each in its own transaction; failures are committed even though the grant fails."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        tokens: TokenService,
+        mfa_box: SecretBox,
+        recovery_key: bytes,
+        refresh_key: bytes,
+        settings: LoginSettings,
+    ) -> None:
+        self._sessions = sessions
+        self._tokens = tokens
+        self._mfa_box = mfa_box
+        self._recovery_key = recovery_key
+        self._refresh_key = refresh_key
+        self._settings = settings
+
+    async def password_grant(
+        self, tenant_ref: str, username: str, password: str, otp: str | None, address: str | None
+    ) -> TokenGrant:
+        """A human user's login; with MFA and no `otp`, raises `MfaRequired` carrying a challenge token."""
+        await self._tokens.ensure_signing_key()
+        async with self._sessions() as session:
+            tenant = await _tenant(session, tenant_ref)
+            keys = [account_key(tenant.id if tenant else tenant_ref, username), address_key(address)]
+            now = utcnow()
+            await ensure_not_locked(session, keys, now)
+            user = None
+            if tenant is not None:
+                user = await session.scalar(
+                    select(User).where(
+                        User.tenant_id == tenant.id,
+                        User.username == username.strip().lower(),
+                        User.kind == "human",
+                    )
+                )
+            matched = await verify_secret(user.secret_hash if user else None, password)
+            if not matched or user is None or tenant is None or user.disabled or tenant.disabled:
+                await self._fail(session, keys, tenant, user, "password", now)
+                raise InvalidGrant(INVALID_LOGIN)
+            if needs_rehash(user.secret_hash):
+                user.secret_hash = await hash_secret(password)
+            amr = ["pwd"]
+            if mfa.mfa_enabled(user):
+                if otp is None:
+                    await session.commit()
+                    raise MfaRequired(
+                        await self._tokens.issue_mfa_challenge(user_id=user.id, tenant_id=tenant.id)
+                    )
+                amr.append(await self._second_factor(session, keys, tenant, user, otp, now))
+            return await self._succeed(session, keys, tenant, user, amr)
+
+    async def mfa_grant(self, mfa_token: str, otp: str, address: str | None) -> TokenGrant:
+        """The second step of an MFA login: the challenge from `MfaRequired` and a code."""
+        await self._tokens.ensure_signing_key()
+        user_id, tenant_id = await self._tokens.verify_mfa_challenge(mfa_token)
+        async with self._sessions() as session:
+            tenant = await session.get(Tenant, tenant_id)
+            user = await session.scalar(select(User).where(User.id == user_id, User.tenant_id == tenant_id))
+            if tenant is None or user is None or user.disabled or tenant.disabled:
+                raise InvalidGrant("this MFA challenge is no longer valid; log in again")
+            keys = [account_key(tenant.id, user.username), address_key(address)]
+            now = utcnow()
+            await ensure_not_locked(session, keys, now)
+            method = await self._second_factor(session, keys, tenant, user, otp, now)
+            return await self._succeed(session, keys, tenant, user, ["pwd", method])
+
+    async def client_credentials_grant(
+        self, client_id: str, client_secret: str, address: str | None
+    ) -> TokenGrant:
+        """A service account's token (no refresh token: it can always ask again)."""
+        await self._tokens.ensure_signing_key()
+        async with self._sessions() as session:
+            keys = [account_key("client", client_id), address_key(address)]
+            now = utcnow()
+            await ensure_not_locked(session, keys, now)
+            user = await session.scalar(select(User).where(User.id == client_id, User.kind == "service"))
+            tenant = await session.get(Tenant, user.tenant_id) if user is not None else None
+            matched = await verify_secret(user.secret_hash if user else None, client_secret)
+            if not matched or user is None or tenant is None or user.disabled or tenant.disabled:
+                await self._fail(session, keys, tenant, user, "client_secret", now)
+                raise InvalidGrant("invalid client_id or client_secret", code="invalid_client")
+            await clear(session, keys[0])
+            issued = await self._tokens.issue_access_token(
+                user_id=user.id,
+                tenant_id=tenant.id,
+                tenant_name=tenant.name,
+                role=user.role,
+                capabilities=ROLE_CAPABILITIES[user.role],
+                family_id=None,
+                amr=[],
+            )
+            audit(
+                session,
+                f"user:{user.id}",
+                tenant.id,
+                "auth.token_issued",
+                user_id=user.id,
+                grant="client_credentials",
+            )
+            await session.commit()
+            return TokenGrant(
+                issued.token, issued.expires_in, None, " ".join(sorted(ROLE_CAPABILITIES[user.role]))
+            )
+
+    async def refresh_grant(self, refresh_token: str) -> TokenGrant:
+        """New tokens for a refresh token. One used twice has leaked: its whole login is revoked."""
+        await self._tokens.ensure_signing_key()
+        digest = self._digest(refresh_token)
+        async with self._sessions() as session:
+            row = await session.scalar(select(RefreshToken).where(RefreshToken.token_hash == digest))
+            now = utcnow()
+            if row is None:
+                raise InvalidGrant("unknown refresh token")
+            if row.revoked_at is not None:
+                raise InvalidGrant("this login was revoked; log in again")
+            # Claiming is one conditional UPDATE, so two concurrent uses cannot both win.
+            claimed = await session.execute(
+                update(RefreshToken)
+                .where(RefreshToken.id == row.id, RefreshToken.used_at.is_(None))
+                .values(used_at=now)
+            )
+            if not claimed.rowcount:  # type: ignore[attr-defined]
+                await self._revoke_family(session, row.family_id, now)
+                audit(
+                    session,
+                    f"user:{row.user_id}",
+                    row.tenant_id,
+                    "auth.refresh_reuse_detected",
+                    user_id=row.user_id,
+                    login_id=row.family_id,
+                )
+                await session.commit()
+                raise InvalidGrant(
+                    "this refresh token was already used, so it may have leaked: every token of this login "
+                    "is now revoked; log in again"
+                )
+            if row.expires_at <= now:
+                await session.commit()
+                raise InvalidGrant("this refresh token has expired; log in again")
+            user = await session.get(User, row.user_id)
+            tenant = await session.get(Tenant, row.tenant_id)
+            if user is None or tenant is None or user.disabled or tenant.disabled:
+                await session.commit()
+                raise InvalidGrant("this account can no longer log in")
+            grant = await self._issue(session, tenant, user, list(row.amr), row.family_id)
+            await session.commit()
+            return grant
+
+    async def logout(self, principal: Principal) -> None:
+        """End the caller's login: its access token now, and every token of its refresh family."""
+        async with self._sessions() as session:
+            now = utcnow()
+            if principal.token_id is not None:
+                await self._tokens.revoke_token_id(session, principal.token_id, self._access_expiry(now))
+            if principal.login_id is not None:
+                await self._revoke_family(session, principal.login_id, now)
+            audit(session, principal.subject, principal.tenant_id, "auth.logout", login_id=principal.login_id)
+            await session.commit()
+
+    async def revoke_token_id(
+        self,
+        session: AsyncSession,
+        actor: Principal,
+        tenant_id: str,
+        token_id: str,
+        login_id: str | None = None,
+    ) -> None:
+        """Revoke one access token (and its login's refresh family, if known), in the caller's transaction."""
+        now = utcnow()
+        await self._tokens.revoke_token_id(session, token_id, self._access_expiry(now))
+        if login_id is not None:
+            await self._revoke_family(session, login_id, now)
+        audit(session, actor.subject, tenant_id, "auth.token_revoked", jti=token_id, login_id=login_id)
+
+    async def revoke_user_tokens(self, session: AsyncSession, actor: Principal | None, user: User) -> None:
+        """Revoke every token of `user` (in the caller's transaction): on disable, role change, MFA reset."""
+        await self._tokens.revoke_subject(session, user.id)  # applies in this process at once
+        await end_refresh_tokens(session, actor, user)
+
+    async def _second_factor(
+        self, session: AsyncSession, keys: list[str], tenant: Tenant, user: User, code: str, now: datetime
+    ) -> str:
+        try:
+            return await mfa.verify_second_factor(
+                session, self._mfa_box, self._recovery_key, user, code, now.timestamp()
+            )
+        except Unauthenticated:
+            await self._fail(session, keys, tenant, user, "second_factor", now)
+            raise
+
+    async def _succeed(
+        self, session: AsyncSession, keys: list[str], tenant: Tenant, user: User, amr: list[str]
+    ) -> TokenGrant:
+        await clear(session, keys[0])
+        grant = await self._issue(session, tenant, user, amr, new_id("lgn"))
+        audit(session, f"user:{user.id}", tenant.id, "auth.login_succeeded", user_id=user.id, amr=amr)
+        await session.commit()
+        return grant
+
+    async def _issue(
+        self, session: AsyncSession, tenant: Tenant, user: User, amr: list[str], family: str
+    ) -> TokenGrant:
+        capabilities = capabilities_of_role(user.role)
+        if tenant.require_mfa and not mfa.mfa_enabled(user):
+            # Until they enroll, they may only manage their own account (and so enroll).
+            capabilities = frozenset({Capability.ACCOUNT_SELF.value})
+        issued = await self._tokens.issue_access_token(
+            user_id=user.id,
+            tenant_id=tenant.id,
+            tenant_name=tenant.name,
+            role=user.role,
+            capabilities=capabilities,
+            family_id=family,
+            amr=amr,
+        )
+        refresh = REFRESH_PREFIX + secrets.token_urlsafe(32)
+        now = utcnow()
+        session.add(
+            RefreshToken(
+                id=new_id("rtk"),
+                tenant_id=tenant.id,
+                user_id=user.id,
+                family_id=family,
+                token_hash=self._digest(refresh),
+                amr=amr,
+                issued_at=now,
+                expires_at=now + timedelta(seconds=self._settings.refresh_ttl_s),
+            )
+        )
+        return TokenGrant(issued.token, issued.expires_in, refresh, " ".join(sorted(capabilities)))
+
+    async def _fail(
+        self,
+        session: AsyncSession,
+        keys: list[str],
+        tenant: Tenant | None,
+        user: User | None,
+        factor: str,
+        now: datetime,
+    ) -> None:
+        policy = self._settings.throttle
+        await count_failure(session, policy, keys[0], policy.account_failures, now)
+        await count_failure(session, policy, keys[1], policy.address_failures, now)
+        if tenant is not None:
+            audit(
+                session,
+                f"user:{user.id}" if user else "anonymous",
+                tenant.id,
+                "auth.login_failed",
+                user_id=user.id if user else None,
+                factor=factor,
+                address=keys[1].removeprefix("ip:"),
+            )
+        await session.commit()
+
+    async def _revoke_family(self, session: AsyncSession, family: str, now: datetime) -> None:
+        await session.execute(
+            update(RefreshToken)
+            .where(RefreshToken.family_id == family, RefreshToken.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+        await self._tokens.revoke_family(session, family, self._access_expiry(now))
+
+    def _access_expiry(self, now: datetime) -> datetime:
+        # Revocations can be forgotten once every token they cover has expired on its own.
+        return now + timedelta(seconds=self._settings.access_ttl_s + 60)
+
+    def _digest(self, refresh_token: str) -> str:
+        return hmac.new(self._refresh_key, refresh_token.encode(), hashlib.sha256).hexdigest()
+
+
+async def _tenant(session: AsyncSession, ref: str) -> Tenant | None:
+    return await session.scalar(select(Tenant).where((Tenant.id == ref) | (Tenant.name == ref)))
+
+
+async def end_refresh_tokens(session: AsyncSession, actor: Principal | None, user: User) -> None:
+    """Revoke a user's refresh tokens and record it (access tokens are revoked by subject beside this)."""
+    await session.execute(
+        update(RefreshToken)
+        .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+    audit(session, actor.subject if actor else "cli", user.tenant_id, "auth.tokens_revoked", user_id=user.id)
