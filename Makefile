@@ -63,6 +63,7 @@ bench: install
 	$(BIN)/python bench/memory_recall.py
 	$(BIN)/python bench/document_ingest.py
 	$(BIN)/python bench/run_overhead.py
+	$(BIN)/python bench/auth_overhead.py
 
 lock:
 	# Model packages are installed with --no-deps; bench-only packages live in bench/requirements.txt.

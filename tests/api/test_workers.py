@@ -51,6 +51,20 @@ def test_a_revocation_reaches_every_worker_within_a_second(workers: SomaServer) 
     assert statuses == {401}
 
 
+def test_a_logout_reaches_every_worker_within_a_second(workers: SomaServer) -> None:
+    admin = {"authorization": f"Bearer {workers.admin_key}"}
+    body = {"username": "spread-user", "password": "correct horse battery staple"}
+    assert httpx.post(f"{workers.v1}/users", json=body, headers=admin).status_code == 201
+    form = {"grant_type": "password", "tenant": "default", **body}
+    tokens = httpx.post(f"{workers.v1}/auth/token", data=form).json()
+    headers = {"authorization": f"Bearer {tokens['access_token']}"}
+    # Fresh connections land on both workers: each verifies the token signed by whichever issued it.
+    assert {httpx.get(f"{workers.v1}/models", headers=headers).status_code for _ in range(10)} == {200}
+    assert httpx.post(f"{workers.v1}/auth/logout", headers=headers).status_code == 200
+    time.sleep(1.0)
+    assert {httpx.get(f"{workers.v1}/models", headers=headers).status_code for _ in range(10)} == {401}
+
+
 def test_last_used_time_is_recorded(workers: SomaServer) -> None:
     admin = {"authorization": f"Bearer {workers.admin_key}"}
     created = httpx.post(f"{workers.v1}/keys", json={"name": "touched"}, headers=admin).json()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import secrets
+import subprocess
 import time
 
 import httpx
@@ -10,7 +13,7 @@ from alembic.script import ScriptDirectory
 from somaagent.db import migrate
 from tests.db.test_migrations import HEAD
 from tests.support.postgres import create_database, drop_database
-from tests.support.processes import SomaServer, start_soma
+from tests.support.processes import SOMA, SomaServer, start_soma
 
 MODEL = "smollm2-135m-instruct"
 
@@ -131,3 +134,57 @@ def test_migrate_reports_the_revision(server: SomaServer) -> None:
     assert run.returncode == 0, run.stderr
     head = ScriptDirectory.from_config(migrate.alembic_config("sqlite://")).get_current_head()
     assert head == HEAD and f"revision {head}" in run.stdout
+
+
+def test_users_lifecycle(server: SomaServer) -> None:
+    tenant = f"cli-users-{secrets.token_hex(3)}"
+    assert server.soma("tenants", "create", tenant).returncode == 0
+    password = "correct horse battery staple"
+    env_password = {**server.env, "SOMA_USER_PASSWORD": password}
+    created = subprocess.run(
+        [SOMA, "users", "create", "--tenant", tenant, "--username", "Ada@Example.com", "--role", "admin"],
+        env=env_password,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert created.returncode == 0, created.stderr
+    assert "ada@example.com" in created.stdout and password not in created.stdout + created.stderr
+    form = {"grant_type": "password", "tenant": tenant, "username": "ada@example.com", "password": password}
+    tokens = httpx.post(f"{server.v1}/auth/token", data=form)
+    assert tokens.status_code == 200, tokens.text
+    headers = {"authorization": f"Bearer {tokens.json()['access_token']}"}
+    assert httpx.get(f"{server.v1}/users/me", headers=headers).status_code == 200
+
+    service = server.soma("users", "create", "--tenant", tenant, "--username", "ci-bot", "--service")
+    assert service.returncode == 0, service.stderr
+    secret = re.search(r"client_secret: (cs-soma-\S+)", service.stdout)
+    assert secret is not None
+    weak = subprocess.run(
+        [SOMA, "users", "create", "--tenant", tenant, "--username", "weak"],
+        env={**server.env, "SOMA_USER_PASSWORD": "short"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert weak.returncode == 1 and "at least 12 characters" in weak.stderr
+
+    listing = server.soma("users", "list", "--tenant", tenant)
+    assert "ada@example.com" in listing.stdout and "ci-bot" in listing.stdout and "no-mfa" in listing.stdout
+
+    disabled = server.soma("users", "disable", "ada@example.com", "--tenant", tenant)
+    assert disabled.returncode == 0, disabled.stderr
+    deadline = time.monotonic() + 5
+    status = 200
+    while status == 200 and time.monotonic() < deadline:
+        status = httpx.get(f"{server.v1}/users/me", headers=headers).status_code
+        time.sleep(0.1)
+    assert status == 401  # another process revoked it: the server noticed within its poll
+    assert httpx.post(f"{server.v1}/auth/token", data=form).status_code == 401
+    assert server.soma("users", "enable", "ada@example.com", "--tenant", tenant).returncode == 0
+    assert httpx.post(f"{server.v1}/auth/token", data=form).status_code == 200
+    reset = server.soma("users", "reset-mfa", "ada@example.com", "--tenant", tenant)
+    assert reset.returncode == 0, reset.stderr
+    assert server.soma("users", "unlock", "ada@example.com", "--tenant", tenant).returncode == 0
+    missing = server.soma("users", "disable", "nobody", "--tenant", tenant)
+    assert missing.returncode == 1 and "no user" in missing.stderr

@@ -31,7 +31,7 @@ from somaagent.core.principal import Principal
 from somaagent.db import migrate
 from somaagent.db.engine import create_engine, session_factory
 from somaagent.events.tables import OutboxEvent
-from somaagent.identity import federation, service
+from somaagent.identity import service, trusts
 from somaagent.identity.capabilities import ROLE_CAPABILITIES, TENANT_CAPABILITIES, Capability
 from somaagent.identity.federation import FederationVerifier
 from somaagent.identity.tables import Tenant, TrustedIssuer
@@ -102,7 +102,7 @@ async def trust(
     options: dict[str, Any] = {"role_claim": "roles", "role_map": ROLE_MAP, "default_role": None}
     options.update(overrides)
     async with sessions() as session:
-        row = await federation.trust_issuer(
+        row = await trusts.trust_issuer(
             session, None, tenant.name, issuer=issuer, audience=audience, **options
         )
         await session.commit()
@@ -342,7 +342,7 @@ async def test_an_untrusted_issuer_stops_working_within_the_trust_cache_time(
         assert await verifier.verify(token) is not None
         assert await replica.verify(token) is not None
         async with sessions() as session:
-            await federation.untrust_issuer(session, None, tenant.name, row.id)
+            await trusts.untrust_issuer(session, None, tenant.name, row.id)
             await session.commit()
         verifier.forget()  # what the API does in the process that revoked it
         await refused_or_unknown(verifier, token)
@@ -417,7 +417,7 @@ async def test_only_operators_manage_trusts_and_each_tenant_sees_its_own(
     tenant_admin = Principal(mine.id, mine.name, "key:k", "k", TENANT_CAPABILITIES)
     async with sessions() as session:
         with pytest.raises(Forbidden):
-            await federation.trust_issuer(
+            await trusts.trust_issuer(
                 session,
                 tenant_admin,
                 mine.name,
@@ -428,15 +428,15 @@ async def test_only_operators_manage_trusts_and_each_tenant_sees_its_own(
                 default_role="viewer",
             )
         with pytest.raises(Forbidden):
-            await federation.list_trusted_issuers(session, tenant_admin, mine.name)
+            await trusts.list_trusted_issuers(session, tenant_admin, mine.name)
         with pytest.raises(Forbidden):
-            await federation.untrust_issuer(session, tenant_admin, mine.name, row.id)
-        assert [t.id for t in await federation.list_trusted_issuers(session, None, mine.name)] == [row.id]
-        assert await federation.list_trusted_issuers(session, None, theirs.name) == []
+            await trusts.untrust_issuer(session, tenant_admin, mine.name, row.id)
+        assert [t.id for t in await trusts.list_trusted_issuers(session, None, mine.name)] == [row.id]
+        assert await trusts.list_trusted_issuers(session, None, theirs.name) == []
         with pytest.raises(NotFound):
-            await federation.untrust_issuer(session, None, theirs.name, row.id)
+            await trusts.untrust_issuer(session, None, theirs.name, row.id)
         with pytest.raises(NotFound):
-            await federation.list_trusted_issuers(session, None, "no-such-tenant")
+            await trusts.list_trusted_issuers(session, None, "no-such-tenant")
 
 
 @on_session_loop
@@ -445,7 +445,7 @@ async def test_trust_and_untrust_are_audited(idp: OidcProvider, sessions: Sessio
     audience = unique_audience()
     row = await trust(sessions, tenant, idp.issuer, audience)
     async with sessions() as session:
-        await federation.untrust_issuer(session, None, tenant.id, row.id)
+        await trusts.untrust_issuer(session, None, tenant.id, row.id)
         await session.commit()
         events = (
             await session.scalars(

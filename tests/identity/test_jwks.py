@@ -35,7 +35,8 @@ def _kid(token: str) -> str:
 
 
 def _me(server: SomaServer, token: str) -> httpx.Response:
-    return httpx.get(f"{server.base_url}/v1/users/me", headers={"authorization": f"Bearer {token}"}, timeout=60)
+    headers = {"authorization": f"Bearer {token}"}
+    return httpx.get(f"{server.base_url}/v1/users/me", headers=headers, timeout=60)
 
 
 def test_jwks_is_public_cacheable_and_verifies_our_tokens(server: SomaServer, tenant: TenantCtx) -> None:
@@ -55,7 +56,8 @@ def test_jwks_is_public_cacheable_and_verifies_our_tokens(server: SomaServer, te
     # An outside resource server needs nothing but this document to check our tokens.
     checked = jwc_jwt.JWT(jwt=token, key=jwc_jwk.JWKSet.from_json(answer.text))
     claims = json.loads(checked.claims)
-    assert claims["iss"] == "somaagent" and claims["tenant_id"] == tenant.id and claims["tenant"] == tenant.name
+    assert claims["iss"] == "somaagent"
+    assert claims["tenant_id"] == tenant.id and claims["tenant"] == tenant.name
     assert json.loads(checked.header)["typ"] == "at+jwt"
 
     # No credential is needed, and a junk one does not get in the way.
@@ -123,3 +125,23 @@ def test_rotate_signing_from_the_cli_is_followed_by_the_server(server: SomaServe
         assert time.monotonic() < deadline, "the server still signs with the retired key"
         time.sleep(0.2)
     assert _me(server, fresh).status_code == 200
+
+
+def test_a_rotation_is_audited_for_the_operator(server: SomaServer, tenant: TenantCtx) -> None:
+    done = server.soma("keys", "rotate-signing")
+    assert done.returncode == 0, done.stderr
+    new_kid = done.stdout.split()[3]
+    operator = {"authorization": f"Bearer {server.admin_key}"}
+    deadline = time.monotonic() + 10
+    rows: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        rows = httpx.get(
+            f"{server.v1}/audit", params={"type": "signing_key.rotated"}, headers=operator
+        ).json()["data"]
+        if any(r["data"]["kid"] == new_kid for r in rows):  # type: ignore[index]
+            break
+        time.sleep(0.2)
+    found = [r for r in rows if r["data"]["kid"] == new_kid]  # type: ignore[index]
+    assert found and found[0]["actor"] == "cli" and found[0]["tenant_id"] is None
+    # A tenant does not see operator-wide events.
+    assert tenant.http.get("/v1/audit", params={"type": "signing_key.rotated"}).json()["data"] == []

@@ -3,6 +3,7 @@ logout, role-derived capabilities, lockouts, and tenant isolation. Runs on SQLit
 
 from __future__ import annotations
 
+import base64
 import secrets
 import time
 from collections.abc import Callable
@@ -290,3 +291,43 @@ def test_logins_are_audited(server: SomaServer, tenant: TenantCtx) -> None:
     created = tenant.http.get("/v1/audit", params={"type": "user.created"}).json()["data"]
     assert any(r["data"]["user_id"] == user["id"] for r in created)
     assert all(PASSWORD not in str(r) for r in rows + created)
+
+
+def test_a_tenant_that_requires_mfa_lets_unenrolled_users_only_enroll(
+    server: SomaServer, new_tenant: Callable[..., TenantCtx]
+) -> None:
+    from somaagent.identity import totp
+
+    tenant = new_tenant()
+    user = make_user(tenant)
+    required = tenant.http.patch(f"/v1/tenants/{tenant.name}", json={"require_mfa": True})
+    assert required.status_code == 200 and required.json()["require_mfa"] is True
+    first = login(server, tenant, user["username"]).json()
+    assert first["scope"] == "account:self"
+    with httpx.Client(base_url=server.base_url, headers=bearer(first["access_token"]), timeout=30) as client:
+        assert error_of(client.get("/v1/models"), 403)["code"] == "missing_capability"
+        enrollment = client.post("/v1/auth/mfa/totp/enroll").json()
+        secret = base64.b32decode(enrollment["secret"] + "=" * (-len(enrollment["secret"]) % 8))
+        confirmed = client.post("/v1/auth/mfa/totp/confirm", json={"code": totp.totp(secret, time.time())})
+        assert confirmed.status_code == 200, confirmed.text
+    challenge = login(server, tenant, user["username"])
+    error = error_of(challenge, 401)
+    assert error["code"] == "mfa_required" and error["mfa_token"]
+    # The next step's code must be fresh: the one used to confirm cannot be replayed.
+    code = totp.totp(secret, time.time() + 30)
+    granted = httpx.post(
+        f"{server.v1}/auth/token",
+        data={"grant_type": "urn:somaagent:grant-type:mfa-otp", "mfa_token": error["mfa_token"], "otp": code},
+    )
+    assert granted.status_code == 200, granted.text
+    assert "chat:use" in granted.json()["scope"].split()
+    assert httpx.get(f"{server.v1}/models", headers=bearer(granted.json()["access_token"])).status_code == 200
+    # A non-admin cannot change the tenant's settings; another tenant's admin cannot either.
+    member_token = granted.json()["access_token"]
+    patch = httpx.patch(
+        f"{server.v1}/tenants/{tenant.name}", json={"require_mfa": False}, headers=bearer(member_token)
+    )
+    assert error_of(patch, 403)["code"] == "missing_capability"
+    outsider = new_tenant()
+    assert error_of(outsider.http.patch(f"/v1/tenants/{tenant.name}", json={"require_mfa": False}), 404)
+    assert error_of(tenant.http.patch(f"/v1/tenants/{tenant.name}", json={"disabled": True}), 403)

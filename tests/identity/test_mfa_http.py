@@ -38,13 +38,16 @@ class UserCtx:
         return httpx.post(f"{self.http.base_url}/v1/auth/token", data=form, timeout=60)
 
 
+NewUser = Callable[..., UserCtx]  # (tenant, username="alice")
+
+
 def _token(response: httpx.Response) -> str:
     assert response.status_code == 200, response.text
     return str(response.json()["access_token"])
 
 
 @pytest.fixture
-def new_user(server: SomaServer) -> Iterator[Callable[[TenantCtx], UserCtx]]:
+def new_user(server: SomaServer) -> Iterator[NewUser]:
     clients: list[httpx.Client] = []
 
     def make(tenant: TenantCtx, username: str = "alice") -> UserCtx:
@@ -101,9 +104,7 @@ def _error(response: httpx.Response, status: int, code: str) -> dict[str, str]:
     return error
 
 
-def test_enroll_confirm_and_log_in_with_a_second_factor(
-    tenant: TenantCtx, new_user: Callable[[TenantCtx], UserCtx]
-) -> None:
+def test_enroll_confirm_and_log_in_with_a_second_factor(tenant: TenantCtx, new_user: NewUser) -> None:
     user = new_user(tenant)
     status = user.http.get("/v1/auth/mfa")
     assert status.status_code == 200, status.text
@@ -161,9 +162,7 @@ def test_enroll_confirm_and_log_in_with_a_second_factor(
     assert user.http.get("/v1/auth/mfa").json()["recovery_codes_left"] == 9
 
 
-def test_recovery_codes_regenerate_and_disable(
-    tenant: TenantCtx, new_user: Callable[[TenantCtx], UserCtx]
-) -> None:
+def test_recovery_codes_regenerate_and_disable(tenant: TenantCtx, new_user: NewUser) -> None:
     user = new_user(tenant)
     _, codes = _enroll(user)
     regenerated = user.http.post("/v1/auth/mfa/recovery-codes", json={"code": codes[0].upper()})
@@ -192,9 +191,7 @@ def test_recovery_codes_regenerate_and_disable(
     )
 
 
-def test_tenant_that_requires_mfa_refuses_turning_it_off(
-    tenant: TenantCtx, new_user: Callable[[TenantCtx], UserCtx]
-) -> None:
+def test_tenant_that_requires_mfa_refuses_turning_it_off(tenant: TenantCtx, new_user: NewUser) -> None:
     user = new_user(tenant)
     _, codes = _enroll(user)
     required = tenant.http.patch(f"/v1/tenants/{tenant.name}", json={"require_mfa": True})
@@ -204,7 +201,7 @@ def test_tenant_that_requires_mfa_refuses_turning_it_off(
     assert _token(_mfa_login(user, codes[0]))
 
 
-def test_bad_bodies_get_clear_errors(tenant: TenantCtx, new_user: Callable[[TenantCtx], UserCtx]) -> None:
+def test_bad_bodies_get_clear_errors(tenant: TenantCtx, new_user: NewUser) -> None:
     user = new_user(tenant)
     user.http.post("/v1/auth/mfa/totp/enroll")
     error = _error(
@@ -228,7 +225,7 @@ def test_bad_bodies_get_clear_errors(tenant: TenantCtx, new_user: Callable[[Tena
 
 
 def test_only_logged_in_users_may_call_it(
-    server: SomaServer, tenant: TenantCtx, admin: httpx.Client, new_user: Callable[[TenantCtx], UserCtx]
+    server: SomaServer, tenant: TenantCtx, admin: httpx.Client, new_user: NewUser
 ) -> None:
     # API keys (tenant or operator) carry no `account:self`: MFA belongs to user accounts.
     for client in (tenant.http, admin):
@@ -253,9 +250,7 @@ def test_only_logged_in_users_may_call_it(
     assert enrolled.status_code == 403, enrolled.text
 
 
-def test_tenants_are_isolated(
-    new_tenant: Callable[..., TenantCtx], new_user: Callable[[TenantCtx], UserCtx]
-) -> None:
+def test_tenants_are_isolated(new_tenant: Callable[..., TenantCtx], new_user: NewUser) -> None:
     name = f"alice-{secrets.token_hex(3)}"
     first = new_user(new_tenant(), name)
     second = new_user(new_tenant(), name)  # the same username in another tenant

@@ -80,12 +80,12 @@ async def database_url(backend: str) -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def replica(
-    url: str, settings: TokenSettings = SETTINGS, *, started: bool = False
+    url: str, settings: TokenSettings = SETTINGS, *, started: bool = False, secret: bytes = SECRET
 ) -> AsyncIterator[tuple[TokenService, async_sessionmaker[AsyncSession]]]:
     """One server process's token service: its own engine (pool) on the shared database."""
     engine = create_engine(url)
     sessions = session_factory(engine)
-    service = TokenService(sessions, box(), settings)
+    service = TokenService(sessions, SecretBox(secret, signing_keys.SEALING_PURPOSE), settings)
     if started:
         service.start()
     try:
@@ -140,6 +140,10 @@ def unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
     return f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
 
 
+def alg_none(alg: str, kid: str) -> str:
+    return unsigned({"alg": alg, "kid": kid, "typ": "at+jwt"}, good_claims()) + "."
+
+
 def good_claims(**changes: Any) -> dict[str, Any]:
     now = int(time.time())
     claims = {
@@ -189,16 +193,19 @@ async def test_issue_verify_round_trip_carries_every_claim(database_url: str, al
         published = await tokens.jwks()
         assert len(published["keys"]) == 1
         public = published["keys"][0]
-        assert public["alg"] == algorithm and public["use"] == "sig" and "d" not in public and "p" not in public
+        assert public["alg"] == algorithm and public["use"] == "sig"
+        assert not {"d", "p", "q", "dp", "dq", "qi"} & public.keys()
         key = jwc_jwk.JWK(**public)
         assert public["kid"] == key.thumbprint()  # RFC 7638
         checked = jwc_jwt.JWT(jwt=issued.token, key=jwc_jwk.JWKSet.from_json(json.dumps(published)))
         header, claims = json.loads(checked.header), json.loads(checked.claims)
         assert header == {"alg": algorithm, "kid": public["kid"], "typ": "at+jwt"}
         assert claims["iss"] == "somaagent" and claims["aud"] == "somaagent"
-        assert claims["sub"] == "usr_alice" and claims["tenant_id"] == "ten_acme" and claims["tenant"] == "acme"
+        assert claims["sub"] == "usr_alice" and claims["tenant_id"] == "ten_acme"
+        assert claims["tenant"] == "acme"
         assert claims["role"] == "admin" and claims["caps"] == sorted(CAPS)
-        assert claims["jti"] == issued.token_id and claims["sid"] == "fam_42" and claims["amr"] == ["pwd", "otp"]
+        assert claims["jti"] == issued.token_id and claims["sid"] == "fam_42"
+        assert claims["amr"] == ["pwd", "otp"]
         assert claims["constitution_hash"] == "sha256:abc"
         assert claims["nbf"] <= claims["iat"] < claims["nbf"] + 1 and claims["exp"] == claims["nbf"] + 900
         assert abs(claims["iat"] - time.time()) < 5
@@ -208,8 +215,14 @@ async def test_reserved_claims_cannot_be_overridden(database_url: str) -> None:
     async with replica(database_url) as (tokens, _):
         with pytest.raises(ValueError, match="sub"):
             await tokens.issue_access_token(
-                user_id="u", tenant_id="t", tenant_name="n", role=None, capabilities=frozenset(),
-                family_id=None, amr=[], extra_claims={"sub": "someone-else"},
+                user_id="u",
+                tenant_id="t",
+                tenant_name="n",
+                role=None,
+                capabilities=frozenset(),
+                family_id=None,
+                amr=[],
+                extra_claims={"sub": "someone-else"},
             )
         # Without a family (client credentials) the token has no sid and still verifies.
         principal = await tokens.verify_access_token(await issue(tokens, family=None))
@@ -250,69 +263,78 @@ async def test_every_forgery_and_misuse_is_refused(database_url: str) -> None:
             return f"{head}.{b64(hmac.new(secret, head.encode(), hashlib.sha256).digest())}"
 
         def signed(claims: dict[str, Any], *, key: Any = ours.private_key, **header: Any) -> str:
-            headers = {"kid": kid, "typ": "at+jwt", **header}
-            return jwt.encode(claims, key, algorithm="EdDSA", headers=headers)
+            headers = {k: v for k, v in {"kid": kid, "typ": "at+jwt", **header}.items() if v is not None}
+            return jwt.encode(claims, key, algorithm="EdDSA", headers={"typ": None, **headers})
 
         mfa = await tokens.issue_mfa_challenge(user_id="usr_alice", tenant_id="ten_acme")
         head, body, signature = genuine.split(".")
         flipped_body = body[:10] + ("A" if body[10] != "A" else "B") + body[11:]
         flipped_signature = ("A" if signature[0] != "A" else "B") + signature[1:]
         rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        now = int(time.time())
         # A payload that is valid base64 but not JSON, under a genuine signature.
-        not_json_input = f"{b64(json.dumps({'alg': 'EdDSA', 'kid': kid, 'typ': 'at+jwt'}).encode())}.{b64(b'[1,')}"
+        our_header = b64(json.dumps({"alg": "EdDSA", "kid": kid, "typ": "at+jwt"}).encode())
+        not_json_input = f"{our_header}.{b64(b'[1,')}"
         not_json = f"{not_json_input}.{b64(ours.private_key.sign(not_json_input.encode()))}"
+        mfa_claims = jwt.decode(mfa, options={"verify_signature": False})
 
-        cases: list[tuple[str, str, str, str]] = [
-            # (what, token, code, words in the message)
-            ("alg none", unsigned({"alg": "none", "kid": kid, "typ": "at+jwt"}, good_claims()) + ".",
-             "invalid_token", "algorithm 'none' is not accepted"),
-            ("alg none, capitalised", unsigned({"alg": "None", "kid": kid, "typ": "at+jwt"}, good_claims()) + ".",
-             "invalid_token", "is not accepted"),
-            ("HS256 keyed with our public key PEM", hs256(public_pem), "invalid_token",
-             "algorithm 'HS256' is not accepted"),
-            ("HS256 keyed with our raw public key", hs256(public_x), "invalid_token", "'HS256' is not accepted"),
-            ("RS256 header on our EdDSA key",
-             jwt.encode(good_claims(), rsa_key, algorithm="RS256", headers={"kid": kid, "typ": "at+jwt"}),
-             "invalid_token", "signs with EdDSA, not 'RS256'"),
-            ("a foreign key using our kid", signed(good_claims(), key=Ed25519PrivateKey.generate()),
-             "invalid_token", "signature verification failed"),
-            ("an unknown kid", signed(good_claims(), kid="not-a-key-of-ours"), "invalid_token",
-             "unknown signing key 'not-a-key-of-ours'"),
-            ("no kid", jwt.encode(good_claims(), ours.private_key, algorithm="EdDSA", headers={"typ": "at+jwt"}),
-             "invalid_token", "names no signing key"),
-            ("expired", signed(good_claims(exp=int(time.time()) - 30)), "token_expired", "expired"),
-            ("not yet valid", signed(good_claims(nbf=int(time.time()) + 3600)), "invalid_token",
-             "not valid for another"),
-            ("issued in the future", signed(good_claims(iat=int(time.time()) + 3600)), "invalid_token",
-             "issued in the future"),
-            ("wrong audience", signed(good_claims(aud="another-service")), "invalid_token",
-             "audience 'another-service' is not 'somaagent'"),
-            ("wrong issuer", signed(good_claims(iss="https://evil.example")), "invalid_token",
-             "issuer 'https://evil.example' is not 'somaagent'"),
-            ("no exp", signed(good_claims(exp=None)), "invalid_token", "exp, nbf and iat must be numbers"),
-            ("exp not a number", signed(good_claims(exp="tomorrow")), "invalid_token", "must be numbers"),
-            ("no caps", signed(good_claims(caps=None)), "invalid_token", "lacks sub, tenant_id, tenant, caps"),
-            ("typ JWT", signed(good_claims(), typ="JWT"), "invalid_token", "token type 'JWT' is not"),
-            ("no typ", jwt.encode(good_claims(), ours.private_key, algorithm="EdDSA", headers={"kid": kid,
-             "typ": None}), "invalid_token", "token type None"),
-            ("an MFA challenge as an access token", mfa, "invalid_token", "token type 'mfa-challenge+jwt'"),
-            ("an MFA challenge relabelled at+jwt",
-             signed(jwt.decode(mfa, options={"verify_signature": False}), typ="at+jwt"),
-             "invalid_token", "audience 'somaagent:mfa' is not 'somaagent'"),
-            ("one payload byte flipped", f"{head}.{flipped_body}.{signature}", "invalid_token", ""),
-            ("one signature byte flipped", f"{head}.{body}.{flipped_signature}", "invalid_token",
-             "signature verification failed"),
-            ("signature cut off", f"{head}.{body}.", "invalid_token", ""),
-            ("not a JWT", "hello", "invalid_token", "not a JWT"),
-            ("header not JSON", f"{b64(b'{nope')}.{body}.{signature}", "invalid_token", "malformed header"),
-            ("payload not JSON", not_json, "invalid_token", "payload is not JSON"),
-        ]
-
-        for what, token, code, words in cases:
+        # what -> (token, words its message must contain); every one is `invalid_token`.
+        forgeries: dict[str, tuple[str, str]] = {
+            "alg none": (alg_none("none", kid), "algorithm 'none' is not accepted"),
+            "alg None": (alg_none("None", kid), "algorithm 'None' is not accepted"),
+            "HS256 keyed with our public key PEM": (hs256(public_pem), "algorithm 'HS256' is not accepted"),
+            "HS256 keyed with our raw public key": (hs256(public_x), "algorithm 'HS256' is not accepted"),
+            "RS256 header on our EdDSA key": (
+                jwt.encode(good_claims(), rsa_key, algorithm="RS256", headers={"kid": kid, "typ": "at+jwt"}),
+                "signs with EdDSA, not 'RS256'",
+            ),
+            "a foreign key using our kid": (
+                signed(good_claims(), key=Ed25519PrivateKey.generate()),
+                "signature verification failed",
+            ),
+            "an unknown kid": (
+                signed(good_claims(), kid="not-a-key-of-ours"),
+                "unknown signing key 'not-a-key-of-ours'",
+            ),
+            "no kid": (signed(good_claims(), kid=None), "names no signing key"),
+            "not yet valid": (signed(good_claims(nbf=now + 3600)), "not valid for another"),
+            "issued in the future": (signed(good_claims(iat=now + 3600)), "issued in the future"),
+            "wrong audience": (
+                signed(good_claims(aud="another-service")),
+                "audience 'another-service' is not 'somaagent'",
+            ),
+            "wrong issuer": (
+                signed(good_claims(iss="https://evil.example")),
+                "issuer 'https://evil.example' is not 'somaagent'",
+            ),
+            "no exp": (signed(good_claims(exp=None)), "exp, nbf and iat must be numbers"),
+            "exp not a number": (signed(good_claims(exp="tomorrow")), "exp, nbf and iat must be numbers"),
+            "no caps": (signed(good_claims(caps=None)), "lacks sub, tenant_id, tenant, caps or jti"),
+            "typ JWT": (signed(good_claims(), typ="JWT"), "token type 'JWT' is not"),
+            "no typ": (signed(good_claims(), typ=None), "token type None is not"),
+            "an MFA challenge as an access token": (mfa, "token type 'mfa-challenge+jwt' is not"),
+            "an MFA challenge relabelled at+jwt": (
+                signed(mfa_claims, typ="at+jwt"),
+                "audience 'somaagent:mfa' is not 'somaagent'",
+            ),
+            "one payload byte flipped": (f"{head}.{flipped_body}.{signature}", ""),
+            "one signature byte flipped": (
+                f"{head}.{body}.{flipped_signature}",
+                "signature verification failed",
+            ),
+            "signature cut off": (f"{head}.{body}.", "signature verification failed"),
+            "not a JWT": ("hello", "not a JWT"),
+            "header not JSON": (f"{b64(b'{nope')}.{body}.{signature}", "malformed header"),
+            "payload not JSON": (not_json, "payload is not JSON"),
+        }
+        for what, (token, words) in forgeries.items():
             error = await rejected(tokens, token)
-            assert error.code == code, (what, error.code, error.message)
-            assert words in error.message, (what, error.message)
+            assert error.code == "invalid_token", (what, error.code, error.message)
             assert error.message.startswith("invalid access token: "), (what, error.message)
+            assert words in error.message, (what, error.message)
+
+        expired = await rejected(tokens, signed(good_claims(exp=now - 30)))
+        assert expired.code == "token_expired" and "expired 3" in expired.message, expired.message
 
         # The mirror image: an access token is not an MFA challenge.
         with pytest.raises(Unauthenticated, match="token type 'at\\+jwt' is not mfa-challenge\\+jwt"):
@@ -327,10 +349,8 @@ async def test_unknown_kids_do_not_hammer_the_database(database_url: str) -> Non
         await tokens.verify_access_token(await issue(tokens))
         ours = await active_private_key(sessions)
         started = time.monotonic()
-        junk = [
-            jwt.encode(good_claims(), ours.private_key, algorithm="EdDSA", headers={"kid": f"junk-{i}", "typ": "at+jwt"})
-            for i in range(200)
-        ]
+        headers = [{"kid": f"junk-{i}", "typ": "at+jwt"} for i in range(200)]
+        junk = [jwt.encode(good_claims(), ours.private_key, "EdDSA", headers=h) for h in headers]
         results = await asyncio.gather(*(tokens.verify_access_token(t) for t in junk), return_exceptions=True)
         assert all(isinstance(r, Unauthenticated) and "unknown signing key" in r.message for r in results)
         # 200 concurrent unknown kids share one re-read of the keys (at most one per 0.5 s).
@@ -367,7 +387,8 @@ def test_rfc_8037_a4_ed25519_vector() -> None:
         base64.urlsafe_b64decode("nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A=")
     )
     assert signing_keys.public_jwk(private.public_key(), "EdDSA")["kid"] == key.kid
-    assert token.endswith("." + b64(private.sign(b"eyJhbGciOiJFZERTQSJ9.RXhhbXBsZSBvZiBFZDI1NTE5IHNpZ25pbmc")))
+    signing_input = token.rsplit(".", 1)[0].encode()
+    assert token.endswith("." + b64(private.sign(signing_input)))
 
 
 def test_rfc_7520_4_1_rs256_vector() -> None:
@@ -421,13 +442,16 @@ async def _jwks_kids(tokens: TokenService, expected: list[str]) -> bool:
 
 
 async def test_second_replica_verifies_keys_created_after_it_started(database_url: str) -> None:
-    async with replica(database_url, started=True) as (first, _), replica(database_url, started=True) as (
-        second,
-        _,
+    async with (
+        replica(database_url, started=True) as (first, _),
+        replica(database_url, started=True) as (
+            second,
+            _,
+        ),
     ):
         token = await issue(first)
         assert (await second.verify_access_token(token)).user_id == "usr_alice"
-        await second.prepare()  # `second` has read the keys; the next one is news to it
+        await second.ensure_signing_key()  # `second` has read the keys; the next one is news to it
         new_kid = await first.rotate_signing_key()
         rotated = await issue(first)
         assert jwt.get_unverified_header(rotated)["kid"] == new_kid
@@ -442,9 +466,10 @@ async def _signs_with(tokens: TokenService, kid: str) -> bool:
 
 
 async def test_two_replicas_creating_the_first_key_at_once_agree(database_url: str) -> None:
-    async with replica(database_url, started=True) as (first, sessions), replica(
-        database_url, started=True
-    ) as (second, _):
+    async with (
+        replica(database_url, started=True) as (first, sessions),
+        replica(database_url, started=True) as (second, _),
+    ):
         tokens = await asyncio.gather(*(issue(s) for s in (first, second) for _ in range(3)))
         for token in tokens:
             await first.verify_access_token(token)
@@ -464,9 +489,10 @@ async def test_keys_rotate_by_age_on_exactly_one_replica(database_url: str) -> N
     async with replica(database_url, aging) as (setup, _):
         token = await issue(setup)  # the first key exists before the replicas start
     first_kid = jwt.get_unverified_header(token)["kid"]
-    async with replica(database_url, aging, started=True) as (first, sessions), replica(
-        database_url, aging, started=True
-    ) as (second, _):
+    async with (
+        replica(database_url, aging, started=True) as (first, sessions),
+        replica(database_url, aging, started=True) as (second, _),
+    ):
 
         async def rotated() -> bool:
             return (await active_private_key(sessions)).kid != first_kid
@@ -484,7 +510,9 @@ async def test_keys_rotate_by_age_on_exactly_one_replica(database_url: str) -> N
         await within(2, lambda: _signs_with(second, new_kid))
 
 
-def test_cli_rotate_signing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_rotate_signing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from somaagent.cli.signing_cmd import rotate_signing
 
     secret = secrets.token_hex(32)
@@ -515,13 +543,24 @@ def test_cli_rotate_signing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     asyncio.run(check())
 
 
+async def test_a_replica_with_another_secret_verifies_but_cannot_sign(database_url: str) -> None:
+    async with replica(database_url) as (good, _), replica(database_url, secret=b"x" * 32) as (odd, _):
+        token = await issue(good)
+        # The private key is sealed under the server secret; the public keys need none.
+        assert (await odd.verify_access_token(token)).user_id == "usr_alice"
+        with pytest.raises(signing_keys.SealedKeyError, match="SOMA_SECRET_KEY"):
+            await issue(odd)
+        await good.verify_access_token(await issue(good))
+
+
 # Revocation.
 
 
 async def test_revocations_reach_another_replica_within_a_second(database_url: str) -> None:
-    async with replica(database_url, started=True) as (here, sessions), replica(
-        database_url, started=True
-    ) as (there, _):
+    async with (
+        replica(database_url, started=True) as (here, sessions),
+        replica(database_url, started=True) as (there, _),
+    ):
         expires = utcnow() + timedelta(seconds=900)
 
         async def refused_there(token: str) -> bool:
@@ -605,9 +644,10 @@ def postgres_url() -> Iterator[str]:
 @pytest.mark.postgres
 async def test_a_revocation_committed_out_of_sequence_order_is_not_missed(postgres_url: str) -> None:
     """PostgreSQL hands out `seq` at insert and shows the row at commit: seq 2 may be visible before seq 1."""
-    async with replica(postgres_url, started=True) as (here, sessions), replica(
-        postgres_url, started=True
-    ) as (there, _):
+    async with (
+        replica(postgres_url, started=True) as (here, sessions),
+        replica(postgres_url, started=True) as (there, _),
+    ):
         slow, fast = await issue(here, family="fam_slow"), await issue(here, family="fam_fast")
         expires = utcnow() + timedelta(seconds=900)
         async with sessions() as slow_session:

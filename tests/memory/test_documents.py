@@ -23,6 +23,7 @@ from somaagent.core.clock import utcnow
 from somaagent.core.principal import Principal
 from somaagent.db import migrate
 from somaagent.db.engine import create_engine, session_factory
+from somaagent.identity.capabilities import TENANT_CAPABILITIES
 from somaagent.memory.chunking import chunk_sections, wordpiece_counter
 from somaagent.memory.document_worker import DocumentWorker
 from somaagent.memory.documents import PROCESSING, DocumentIngest, DocumentSettings, Upload
@@ -494,7 +495,7 @@ def fresh_database(backend: str) -> Iterator[str]:
             drop_database(name)
 
 
-PRINCIPAL = Principal("ten_local", "local", "key:k1", "k1", False)
+PRINCIPAL = Principal("ten_local", "local", "key:k1", "k1", TENANT_CAPABILITIES)
 
 
 async def test_one_claim_wins_and_an_expired_lease_is_taken_over(fresh_database: str) -> None:
@@ -550,7 +551,7 @@ async def test_a_crashed_document_is_resumed_without_duplicates(
 
 
 async def _crash_then_resume(crashed: DocumentWorker, ingest: DocumentIngest, tenant: TenantCtx) -> None:
-    principal = Principal(tenant.id, tenant.name, f"key:{tenant.key_id}", tenant.key_id, False)
+    principal = Principal(tenant.id, tenant.name, f"key:{tenant.key_id}", tenant.key_id, TENANT_CAPABILITIES)
     text = long_markdown(12, seed="resume")
     async with crashed._sessions() as session:
         document = await ingest.submit(

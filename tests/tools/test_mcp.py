@@ -525,6 +525,7 @@ async def test_pinned_tools_reach_the_tool_registry_and_keep_their_checks(tmp_pa
     from somaagent.core.principal import Principal
     from somaagent.db import migrate
     from somaagent.db.engine import create_engine, session_factory
+    from somaagent.identity.capabilities import OPERATOR_CAPABILITIES, TENANT_CAPABILITIES
     from somaagent.tools import mcp_servers
     from somaagent.tools.manifest import new_signing_key, trusted_keys_from
     from somaagent.tools.registry import ToolContext, ToolRegistry
@@ -535,8 +536,8 @@ async def test_pinned_tools_reach_the_tool_registry_and_keep_their_checks(tmp_pa
     sessions = session_factory(engine)
     key = new_signing_key()
     access = mcp_servers.McpAccess(McpConnections(), key, timeout_s=10)
-    admin = Principal("ten_a", "a", "key:admin", "key_admin", is_admin=True)
-    other = Principal("ten_b", "b", "key:b", "key_b", is_admin=False)
+    admin = Principal("ten_a", "a", "key:admin", "key_admin", OPERATOR_CAPABILITIES)
+    other = Principal("ten_b", "b", "key:b", "key_b", TENANT_CAPABILITIES)
     endpoint = fixture_endpoint(tmp_path)
     registry = ToolRegistry(trusted_keys_from(key.public_key()))
     registry.add_dynamic(mcp_servers.registry_source(access))

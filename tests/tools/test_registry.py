@@ -10,11 +10,12 @@ import json
 import pytest
 
 from somaagent.core.principal import Principal
+from somaagent.identity.capabilities import TENANT_CAPABILITIES
 from somaagent.tools.builtins import CURRENT_TIME, builtin_tools, signing_key_from_secret
 from somaagent.tools.manifest import ManifestRejected, new_signing_key, sign_manifest, trusted_keys_from
 from somaagent.tools.registry import Tool, ToolContext, ToolRegistry, ToolStatus
 
-PRINCIPAL = Principal("ten_x", "x", "key:k", "k", False)
+PRINCIPAL = Principal("ten_x", "x", "key:k", "k", TENANT_CAPABILITIES)
 
 
 async def _no_memory(_context: ToolContext, _query: str, _top_k: int) -> list[tuple[str, str, float]]:

@@ -43,7 +43,7 @@ from somaagent.events.relay import OutboxRelay
 from somaagent.events.schemas import AUDIT_EVENTS, MODEL_USAGE
 from somaagent.identity.authenticator import Authenticator, KeyAuthenticator
 from somaagent.identity.federation import FederationVerifier
-from somaagent.identity.login import LoginSettings, Logins
+from somaagent.identity.login import Logins, LoginSettings
 from somaagent.identity.secret_box import SecretBox, derive_key
 from somaagent.identity.throttle import ThrottlePolicy
 from somaagent.identity.tokens import TokenService, TokenSettings
@@ -351,6 +351,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if migrate_on_start:
             await asyncio.to_thread(migrate.upgrade, url)
+        await tokens.ensure_signing_key()  # before the first login, and published in the JWKS at once
         services.authenticator.start()
         relay.start()
         emitter.start()

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from somaagent.api.deps import OperatorDep, ServicesDep, SessionDep
 from somaagent.api.openai.docs import error_responses
 from somaagent.core.pagination import ListOut
-from somaagent.identity import federation
+from somaagent.identity import trusts
 from somaagent.identity.tables import TrustedIssuer
 
 router = APIRouter(prefix="/v1/tenants/{tenant}/oidc-issuers", tags=["Federation"])
@@ -79,7 +79,7 @@ class TrustedIssuerOut(BaseModel):
 async def trust_issuer(
     tenant: str, body: TrustedIssuerCreate, principal: OperatorDep, services: ServicesDep, session: SessionDep
 ) -> TrustedIssuerOut:
-    trust = await federation.trust_issuer(
+    trust = await trusts.trust_issuer(
         session,
         principal,
         tenant,
@@ -99,15 +99,15 @@ async def trust_issuer(
 async def list_trusted_issuers(
     tenant: str, principal: OperatorDep, session: SessionDep
 ) -> ListOut[TrustedIssuerOut]:
-    trusts = await federation.list_trusted_issuers(session, principal, tenant)
-    return ListOut(data=[TrustedIssuerOut.of(t) for t in trusts])
+    found = await trusts.list_trusted_issuers(session, principal, tenant)
+    return ListOut(data=[TrustedIssuerOut.of(t) for t in found])
 
 
 @router.delete("/{issuer_id}", response_model=TrustedIssuerOut, responses=error_responses(401, 403, 404))
 async def untrust_issuer(
     tenant: str, issuer_id: str, principal: OperatorDep, services: ServicesDep, session: SessionDep
 ) -> TrustedIssuerOut:
-    trust = await federation.untrust_issuer(session, principal, tenant, issuer_id)
+    trust = await trusts.untrust_issuer(session, principal, tenant, issuer_id)
     await session.commit()
     services.federation.forget()  # effective here at once; other replicas within their trust cache time
     return TrustedIssuerOut.of(trust)

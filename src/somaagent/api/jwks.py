@@ -21,8 +21,18 @@ class JsonWebKeySet(BaseModel):
 
     keys: list[dict[str, Any]] = Field(
         description="Public JWKs (`kty`, `crv`/`x` or `n`/`e`, `kid` = RFC 7638 thumbprint, `alg`, `use`).",
-        examples=[[{"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo",
-                    "kid": "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k", "alg": "EdDSA", "use": "sig"}]],
+        examples=[
+            [
+                {
+                    "kty": "OKP",
+                    "crv": "Ed25519",
+                    "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo",
+                    "kid": "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k",
+                    "alg": "EdDSA",
+                    "use": "sig",
+                }
+            ]
+        ],
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -68,7 +68,7 @@ class SecondFactorIn(_Strict):
 
 
 class MfaStatusOut(_Strict):
-    object: str = "mfa_status"
+    object: Literal["mfa_status"] = "mfa_status"
     enabled: bool
     pending_enrollment: bool = Field(description="An enrollment was begun and awaits its first code.")
     confirmed_at: datetime | None
@@ -159,8 +159,12 @@ async def confirm_totp(
 ) -> RecoveryCodesOut:
     """Activate MFA with a code from the new authenticator; returns 10 recovery codes, shown once."""
     user = await _caller(session, principal)
-    codes = await mfa.confirm_totp_enrollment(
-        session, services.mfa_box, services.recovery_key, user, body.code, time.time()
+    codes = await services.logins.check_code(
+        session,
+        user,
+        lambda: mfa.confirm_totp_enrollment(
+            session, services.mfa_box, services.recovery_key, user, body.code, time.time()
+        ),
     )
     await session.commit()
     response.headers.update(_NO_STORE)
@@ -179,8 +183,12 @@ async def regenerate_recovery_codes(
 ) -> RecoveryCodesOut:
     """Replace your recovery codes with 10 new ones (given a current code); the old ones stop working."""
     user = await _caller(session, principal)
-    codes = await mfa.regenerate_recovery_codes(
-        session, services.mfa_box, services.recovery_key, user, body.code, time.time()
+    codes = await services.logins.check_code(
+        session,
+        user,
+        lambda: mfa.regenerate_recovery_codes(
+            session, services.mfa_box, services.recovery_key, user, body.code, time.time()
+        ),
     )
     await session.commit()
     response.headers.update(_NO_STORE)
@@ -195,6 +203,12 @@ async def disable_totp(
 ) -> Response:
     """Turn MFA off (given a current code); refused with 409 while your tenant requires MFA."""
     user = await _caller(session, principal)
-    await mfa.disable_totp(session, services.mfa_box, services.recovery_key, user, body.code, time.time())
+    await services.logins.check_code(
+        session,
+        user,
+        lambda: mfa.disable_totp(
+            session, services.mfa_box, services.recovery_key, user, body.code, time.time()
+        ),
+    )
     await session.commit()
     return Response(status_code=204)

@@ -9,7 +9,7 @@ import typer
 from somaagent.cli.db import run_in_session
 from somaagent.config import Settings
 from somaagent.core.errors import SomaError
-from somaagent.identity import federation
+from somaagent.identity import trusts
 from somaagent.identity.capabilities import ROLES
 
 
@@ -43,7 +43,7 @@ def trust_oidc(
     try:
         trust = run_in_session(
             Settings(),
-            lambda s: federation.trust_issuer(
+            lambda s: trusts.trust_issuer(
                 s,
                 None,
                 tenant,

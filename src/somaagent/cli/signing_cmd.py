@@ -19,7 +19,7 @@ def rotate_signing() -> None:
     window_s = retired_key_window_s(settings.access_token_ttl_s, settings.revocation_poll_s)
 
     async def work(session: AsyncSession) -> signing_keys.Rotation | None:
-        return await signing_keys.rotate(session, box, settings.jwt_algorithm, window_s)
+        return await signing_keys.rotate(session, box, settings.jwt_algorithm, window_s, actor="cli")
 
     rotation = run_in_session(settings, work)
     if rotation is None:  # an unconditional rotation always rotates

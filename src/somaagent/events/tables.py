@@ -23,7 +23,10 @@ class OutboxEvent(Base):
     type: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer, default=1)
     tenant_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
-    actor: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    # A Principal.subject: "key:…", "user:…", or the longer "oidc:<trust id>:<IdP sub>".
+    actor: Mapped[str | None] = mapped_column(
+        String(255), nullable=True
+    )  # subjects: "key:…", "user:…", "oidc:<trust>:<sub>"
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime())
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)

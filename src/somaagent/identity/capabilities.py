@@ -60,7 +60,7 @@ TENANT_CAPABILITIES: frozenset[str] = frozenset(_OWNER)
 # The operator (admin API keys, the local CLI): every capability, across tenants.
 OPERATOR_CAPABILITIES: frozenset[str] = frozenset(Capability) - {Capability.ACCOUNT_SELF}
 
-_RANK = {"viewer": 0, "member": 1, "admin": 2, "owner": 3}
+ROLE_RANK = {"viewer": 0, "member": 1, "admin": 2, "owner": 3}  # who outranks whom
 
 
 def capabilities_of_role(role: str) -> frozenset[str]:
@@ -81,4 +81,4 @@ def may_assign_role(assigner_role: str | None, role: str) -> bool:
     """Whether someone with `assigner_role` may give `role` (None is the operator or a tenant key)."""
     if assigner_role is None:
         return True
-    return _RANK[assigner_role] >= _RANK[role] and (assigner_role == "owner" or role != "owner")
+    return ROLE_RANK[assigner_role] >= ROLE_RANK[role] and (assigner_role == "owner" or role != "owner")

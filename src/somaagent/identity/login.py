@@ -10,14 +10,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.core.clock import utcnow
-from somaagent.core.errors import Unauthenticated
+from somaagent.core.errors import SomaError, Unauthenticated
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
 from somaagent.identity import mfa
@@ -28,7 +30,9 @@ from somaagent.identity.tables import RefreshToken, Tenant, User
 from somaagent.identity.throttle import ThrottlePolicy, account_key, address_key, clear, ensure_not_locked
 from somaagent.identity.throttle import record_failure as count_failure
 from somaagent.identity.tokens import TokenService
-from somaagent.identity.users import audit
+from somaagent.identity.users import audit, login_throttle_key
+
+T = TypeVar("T")
 
 REFRESH_PREFIX = "rt-soma-"
 INVALID_LOGIN = "invalid username or password"
@@ -225,6 +229,24 @@ class Logins:
             grant = await self._issue(session, tenant, user, list(row.amr), row.family_id)
             await session.commit()
             return grant
+
+    async def check_code(self, session: AsyncSession, user: User, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt` (an MFA action that checks a code) under the account's login throttle: a
+        logged-in caller must not get unlimited guesses at codes either (a stolen token could otherwise
+        brute-force its way to fresh recovery codes)."""
+        key = login_throttle_key(user)
+        await ensure_not_locked(session, [key], utcnow())
+        try:
+            return await attempt()
+        except SomaError as exc:
+            if exc.code != "invalid_mfa_code":
+                raise
+            # Undo the attempt first: on SQLite its statements may hold the write lock we need.
+            await session.rollback()
+            policy = self._settings.throttle
+            await count_failure(session, policy, key, policy.account_failures, utcnow())
+            await session.commit()
+            raise
 
     async def logout(self, principal: Principal) -> None:
         """End the caller's login: its access token now, and every token of its refresh family."""

@@ -101,8 +101,13 @@ class RevocationList:
     async def load(self, session: AsyncSession, now: datetime) -> None:
         """Read every revocation still in force (at start)."""
         rows = await session.execute(
-            select(RevokedToken.seq, RevokedToken.kind, RevokedToken.value, RevokedToken.revoked_at,
-                   RevokedToken.expires_at).where(RevokedToken.expires_at > now)
+            select(
+                RevokedToken.seq,
+                RevokedToken.kind,
+                RevokedToken.value,
+                RevokedToken.revoked_at,
+                RevokedToken.expires_at,
+            ).where(RevokedToken.expires_at > now)
         )
         seen: set[int] = set()
         for seq, kind, value, revoked_at, expires_at in rows:
@@ -119,8 +124,13 @@ class RevocationList:
         floor = min(self._gaps) - 1 if self._gaps else self._top
         rows = (
             await session.execute(
-                select(RevokedToken.seq, RevokedToken.kind, RevokedToken.value, RevokedToken.revoked_at,
-                       RevokedToken.expires_at)
+                select(
+                    RevokedToken.seq,
+                    RevokedToken.kind,
+                    RevokedToken.value,
+                    RevokedToken.revoked_at,
+                    RevokedToken.expires_at,
+                )
                 .where(RevokedToken.seq > floor)
                 .order_by(RevokedToken.seq)
                 .limit(POLL_BATCH)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hashlib
 import math
 import time
@@ -27,6 +28,8 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.core.clock import utcnow
+from somaagent.events.outbox import add_event
+from somaagent.events.schemas import AUDIT_EVENTS, Event
 from somaagent.identity.secret_box import SecretBox
 from somaagent.identity.tables import SigningKey
 
@@ -115,8 +118,18 @@ def verify_jws(token: str, key: VerificationKey) -> bytes:
 
 
 def unverified_header(token: str) -> dict[str, Any]:
-    """The JOSE header, not yet trusted (to pick the key); raises `jwt.InvalidTokenError` if malformed."""
-    return _JWS.get_unverified_header(token)
+    """The JOSE header, not yet trusted (to pick the key); raises `jwt.DecodeError` if malformed.
+
+    Only the first segment is decoded (PyJWT's own helper decodes the whole token, which doubled the
+    cost of verification); `verify_jws` then checks the full token, header included."""
+    segment = token.split(".", 1)[0]
+    try:
+        header = orjson.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, binascii.Error) as exc:
+        raise jwt.DecodeError(f"invalid header: {exc}") from None
+    if not isinstance(header, dict):
+        raise jwt.DecodeError("invalid header: not a JSON object")
+    return header
 
 
 def sign_jws(payload: bytes, key: ActiveKey, typ: str) -> str:
@@ -132,9 +145,20 @@ def _generate(alg: str) -> PrivateKey:
     raise ValueError(f"unsupported signing algorithm {alg!r}; use one of {', '.join(ALGORITHMS)}")
 
 
+class SealedKeyError(RuntimeError):
+    """The active signing key does not open with this server's secret."""
+
+
 def open_private_key(box: SecretBox, row: SigningKey) -> ActiveKey:
-    """The row's private key, unsealed; ValueError if it was sealed under another server secret."""
-    pem = box.open(row.private_key)
+    """The row's private key, unsealed; `SealedKeyError` if it was sealed under another server secret."""
+    try:
+        pem = box.open(row.private_key)
+    except ValueError:
+        raise SealedKeyError(
+            f"signing key {row.kid} does not open with this server's secret (did SOMA_SECRET_KEY change, or "
+            "do replicas have different ones?); give every replica the same secret, or make a new key "
+            "with `soma keys rotate-signing`"
+        ) from None
     private_key = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(private_key, Ed25519PrivateKey | rsa.RSAPrivateKey):
         raise ValueError(f"signing key {row.kid} is not an Ed25519 or RSA key")
@@ -148,9 +172,7 @@ async def new_key_row(box: SecretBox, alg: str) -> SigningKey:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     jwk = public_jwk(private_key.public_key(), alg)
-    return SigningKey(
-        kid=jwk["kid"], alg=alg, private_key=box.seal(pem), public_jwk=jwk, created_at=utcnow()
-    )
+    return SigningKey(kid=jwk["kid"], alg=alg, private_key=box.seal(pem), public_jwk=jwk, created_at=utcnow())
 
 
 def pick_active(rows: list[SigningKey]) -> SigningKey | None:
@@ -176,7 +198,13 @@ async def _retire(session: AsyncSession, kids: list[str], verify_for_s: float) -
 
 
 async def rotate(
-    session: AsyncSession, box: SecretBox, alg: str, verify_for_s: float, *, only_if_active: str | None = None
+    session: AsyncSession,
+    box: SecretBox,
+    alg: str,
+    verify_for_s: float,
+    *,
+    only_if_active: str | None = None,
+    actor: str = "system",
 ) -> Rotation | None:
     """Retire the active key (it keeps verifying for `verify_for_s`) and add a new one, in the caller's
     transaction. With `only_if_active`, rotate only if that key is still unretired: of replicas racing to
@@ -190,6 +218,17 @@ async def rotate(
         retired = await _retire(session, list(live), verify_for_s)
     row = await new_key_row(box, alg)
     session.add(row)
+    # An operator action that concerns every tenant: the event has no tenant.
+    add_event(
+        session,
+        Event(
+            topic=AUDIT_EVENTS,
+            type="signing_key.rotated",
+            tenant_id=None,
+            actor=actor,
+            data={"kid": row.kid, "alg": alg, "retired": [kid for kid, _ in retired]},
+        ),
+    )
     await session.flush()
     return Rotation(kid=row.kid, alg=alg, retired=retired)
 
@@ -255,13 +294,15 @@ class KeyRing:
                     keys[row.kid] = known  # parsing a public key costs more than the whole poll
                 else:
                     keys[row.kid] = verification_key(row.public_jwk, row.alg, row.expires_at)
+            self._keys = keys
+            self.unretired = sum(1 for row in rows if row.retired_at is None)
             chosen = pick_active(rows)
             if chosen is None:
                 self._active = None
             elif self._active is None or self._active.kid != chosen.kid:
+                # Verification goes on with the public keys above even if this fails.
+                self._active = None
                 self._active = open_private_key(self._box, chosen)
-            self._keys = keys
-            self.unretired = sum(1 for row in rows if row.retired_at is None)
 
     async def find(self, kid: str) -> VerificationKey | None:
         """A verification key, re-reading the table if `kid` is new to us (another replica's new key)."""

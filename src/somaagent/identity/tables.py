@@ -51,7 +51,7 @@ class RevocationEpoch(Base):
 
 
 class User(TenantMixin, Base):
-    """A person (`kind="human"`, password login) or a service account (`kind="service"`, client credentials)."""
+    """A person (`kind="human"`, logs in with a password) or a service account (client credentials)."""
 
     __tablename__ = "users"
     __table_args__ = (UniqueConstraint("tenant_id", "username", name="uq_users_tenant_username"),)

@@ -40,6 +40,10 @@ MFA_TYPS = frozenset({MFA_TYP})
 # Replicas' clocks differ a little: a token may say it was issued (or becomes valid) this far ahead.
 CLOCK_SKEW_S = 5.0
 MAX_TOKEN_CHARS = 16_384
+# Tokens whose signature was checked, so a client reusing its token (the usual case) costs a dict lookup
+# and the claim checks, not a signature verification. Only tokens our keys signed get in (PyJWT refuses
+# non-canonical base64, so one token has one spelling).
+MAX_VERIFIED = 10_000
 PRUNE_EVERY_S = 60.0
 # Expired keys stay a day so an operator can still tell which key signed an old token in the logs.
 KEEP_EXPIRED_KEYS = timedelta(days=1)
@@ -154,6 +158,7 @@ class TokenService:
         self._settings = settings
         self._keys = KeyRing(sessions, box)
         self._revocations = RevocationList()
+        self._verified: dict[str, tuple[str | None, str, dict[str, Any]]] = {}
         self._mfa_audience = f"{settings.audience}:mfa"
         self._loaded = False
         self._load_lock = asyncio.Lock()
@@ -223,8 +228,9 @@ class TokenService:
         return signing_keys.sign_jws(orjson.dumps({**registered, **claims}), key, typ), token_id
 
     async def ensure_signing_key(self) -> None:
-        """Make sure a signing key exists, outside any caller's transaction: on SQLite, creating the first
-        key while the caller holds a write lock would wait on that very caller."""
+        """Load keys and revocations and make sure a signing key exists. Call it outside any transaction
+        of your own before issuing: on SQLite, creating the first key while the caller holds a write lock
+        would wait on that very caller. `start()` does it first thing too."""
         await self._signing_key()
 
     async def _signing_key(self) -> ActiveKey:
@@ -312,27 +318,19 @@ class TokenService:
             raise Unauthenticated(f"invalid {what}: {exc.reason}", code=exc.code) from None
 
     async def _checked_claims(self, token: str, typs: frozenset[str], audience: str) -> dict[str, Any]:
-        if not looks_like_jwt(token):
-            raise _Rejected("not a JWT (expected three base64url segments separated by dots)")
-        if not self._loaded:
-            await self._ensure_loaded()
-        try:
-            header = signing_keys.unverified_header(token)
-        except jwt.InvalidTokenError as exc:
-            raise _Rejected(f"malformed header ({exc})") from None
-        alg, typ, kid = header.get("alg"), header.get("typ"), header.get("kid")
-        # Only our own algorithms: `none`, and HS* (an HMAC "signed" with our public key as the secret),
-        # are refused before any key is looked at.
-        if alg not in signing_keys.ALGORITHMS:
-            raise _Rejected(f"algorithm {_show(alg)} is not accepted; tokens are signed with EdDSA or RS256")
-        if not isinstance(typ, str) or typ.lower() not in typs:
+        signed = self._verified.get(token)
+        if signed is None:
+            signed = await self._checked_signature(token)
+            if len(self._verified) >= MAX_VERIFIED:
+                self._verified.clear()
+            self._verified[token] = signed
+        typ, kid, claims = signed
+        if typ is None or typ.lower() not in typs:
             raise _Rejected(f"token type {_show(typ)} is not {' or '.join(sorted(typs))}")
-        if not isinstance(kid, str) or not kid:
-            raise _Rejected("the header names no signing key (kid)")
-        key = await self._keys.find(kid)
-        if key is None:
-            raise _Rejected(f"unknown signing key {_show(kid)}; get a new token")
-        claims = _signed_claims(token, key, alg)
+        # A cached token is only as good as its key: once the key leaves the ring, so does the token.
+        key = self._keys.get(kid)
+        if key is None or (key.expires_at is not None and key.expires_at <= utcnow()):
+            raise _Rejected(f"signing key {kid} was retired and no longer verifies; get a new token")
         now = time.time()
         if claims.get("iss") != self._settings.issuer:
             raise _Rejected(f"issuer {_show(claims.get('iss'))} is not {self._settings.issuer!r}")
@@ -349,6 +347,29 @@ class TokenService:
         if iat > now + CLOCK_SKEW_S:
             raise _Rejected("it claims to be issued in the future (iat)")
         return claims
+
+    async def _checked_signature(self, token: str) -> tuple[str | None, str, dict[str, Any]]:
+        """(typ, kid, claims) of a token one of our keys signed."""
+        if not looks_like_jwt(token):
+            raise _Rejected("not a JWT (expected three base64url segments separated by dots)")
+        if not self._loaded:
+            await self._ensure_loaded()
+        try:
+            header = signing_keys.unverified_header(token)
+        except jwt.InvalidTokenError as exc:
+            raise _Rejected(f"malformed header ({exc})") from None
+        alg, typ, kid = header.get("alg"), header.get("typ"), header.get("kid")
+        # Only our own algorithms: `none`, and HS* (an HMAC "signed" with our public key as the secret),
+        # are refused before any key is looked at.
+        if alg not in signing_keys.ALGORITHMS:
+            raise _Rejected(f"algorithm {_show(alg)} is not accepted; tokens are signed with EdDSA or RS256")
+        if not isinstance(kid, str) or not kid:
+            raise _Rejected("the header names no signing key (kid)")
+        key = await self._keys.find(kid)
+        if key is None:
+            raise _Rejected(f"unknown signing key {_show(kid)}; get a new token")
+        claims = _signed_claims(token, key, alg)
+        return (typ if isinstance(typ, str) else None), kid, claims
 
     # Keys.
 
@@ -403,20 +424,17 @@ class TokenService:
         async with self._load_lock:
             if self._loaded:
                 return
-            await self._keys.refresh()
+            try:
+                await self._keys.refresh()
+            except signing_keys.SealedKeyError as exc:  # verifying needs only the public keys
+                log.error("%s", exc)
             async with self._sessions() as session:
                 await self._revocations.load(session, utcnow())
             self._loaded = True
 
-    async def prepare(self) -> None:
-        """Load keys and revocations and make sure a signing key exists. Call it before serving: the
-        first key is otherwise created by the first issue, and on SQLite a caller that issues inside its
-        own write transaction would wait on itself for the database lock."""
-        await self._signing_key()
-
     def start(self) -> None:
         """Begin polling revocations and key changes, rotating keys by age and pruning expired rows (its
-        first round is `prepare()`)."""
+        first round is `ensure_signing_key()`)."""
         if self._task is None:
             self._task = asyncio.create_task(self._poll_forever(), name="token-poll")
 
@@ -432,7 +450,7 @@ class TokenService:
         while True:
             try:
                 if not prepared:
-                    await self.prepare()
+                    await self.ensure_signing_key()
                     prepared = True
                 await self.poll_once()
             except Exception as exc:  # a database blip must not kill the poller

@@ -49,7 +49,7 @@ async def get_lock(session: AsyncSession, tenant_id: str) -> LockState | None:
 async def start_training(
     session: AsyncSession, principal: Principal, tenant_id: str, reason: str
 ) -> LockState:
-    """Take the lock for `principal`; 409 naming the holder if someone else has it. Idempotent for the holder."""
+    """Take the lock for `principal` (idempotent for the holder); 409 naming the holder if another has it."""
     current = await session.get(TrainingLock, tenant_id)
     if current is not None:
         if current.holder == principal.subject:

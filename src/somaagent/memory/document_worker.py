@@ -337,7 +337,9 @@ def _principal_of(document: MemoryDocument) -> Principal:
     # The worker only embeds and meters on the uploader's behalf; whether they were an operator decides
     # which models they may use, and that is all of their capabilities the job needs.
     capabilities = frozenset({OPERATOR}) if document.is_admin else frozenset[str]()
-    return Principal(document.tenant_id, document.tenant_name, document.subject, document.key_id, capabilities)
+    return Principal(
+        document.tenant_id, document.tenant_name, document.subject, document.key_id, capabilities
+    )
 
 
 def _chunk_metadata(document: MemoryDocument, chunk: Chunk) -> dict[str, Any]:

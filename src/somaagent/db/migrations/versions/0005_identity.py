@@ -31,6 +31,11 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("require_mfa", sa.Boolean(), nullable=False, server_default=sa.false()))
     with op.batch_alter_table("api_keys", schema=None) as batch_op:
         batch_op.add_column(sa.Column("capabilities", sa.Text(), nullable=False, server_default=""))
+    with op.batch_alter_table("outbox", schema=None) as batch_op:
+        # Federated subjects ("oidc:<trust id>:<IdP sub>") are longer than key ids.
+        batch_op.alter_column(
+            "actor", existing_type=sa.String(length=80), type_=sa.String(length=255), existing_nullable=True
+        )
     op.execute(
         sa.text("UPDATE api_keys SET capabilities = :caps WHERE scope = 'tenant'").bindparams(
             caps=TENANT_KEY_CAPABILITIES
@@ -225,5 +230,9 @@ def downgrade() -> None:
         op.drop_table(table)
     with op.batch_alter_table("api_keys", schema=None) as batch_op:
         batch_op.drop_column("capabilities")
+    with op.batch_alter_table("outbox", schema=None) as batch_op:
+        batch_op.alter_column(
+            "actor", existing_type=sa.String(length=255), type_=sa.String(length=80), existing_nullable=True
+        )
     with op.batch_alter_table("tenants", schema=None) as batch_op:
         batch_op.drop_column("require_mfa")
