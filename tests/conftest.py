@@ -6,15 +6,21 @@ local model, real embeddings, and a real database.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from somaagent.db import migrate
+from somaagent.db.engine import create_engine, session_factory
 from tests.support.postgres import create_database, drop_database
 from tests.support.processes import SomaServer, free_port, start_soma
 
@@ -116,3 +122,25 @@ def new_tenant(server: SomaServer, admin: httpx.Client) -> Iterator[Callable[...
 @pytest.fixture
 def tenant(new_tenant: Callable[..., TenantCtx]) -> TenantCtx:
     return new_tenant()
+
+
+@pytest.fixture
+async def migrated_database(backend: str) -> AsyncIterator[str]:
+    """A fresh database of this backend, migrated to head, dropped afterwards (for tests below HTTP)."""
+    name = None
+    if backend == "postgres":
+        name, url = await asyncio.to_thread(create_database)
+    else:
+        url = f"sqlite+aiosqlite:///{Path(tempfile.mkdtemp(prefix='soma-db-')) / 'soma.db'}"
+    await asyncio.to_thread(migrate.upgrade, url)
+    yield url
+    if name:
+        await asyncio.to_thread(drop_database, name)
+
+
+@pytest.fixture
+async def sessions(migrated_database: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """A session factory on `migrated_database`."""
+    engine = create_engine(migrated_database)
+    yield session_factory(engine)
+    await engine.dispose()

@@ -3,13 +3,10 @@ filters and paging, the consumer's idempotency and the database's refusal to cha
 
 from __future__ import annotations
 
-import asyncio
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,11 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.audit.consumer import AuditConsumer
 from somaagent.audit.tables import AuditRecord
-from somaagent.db import migrate
-from somaagent.db.engine import create_engine, session_factory
 from somaagent.events.schemas import AUDIT_EVENTS, Event
 from tests.conftest import TenantCtx
-from tests.support.postgres import create_database, drop_database
 
 FIELDS = {"id", "type", "tenant_id", "actor", "occurred_at", "data"}
 
@@ -207,21 +201,6 @@ def test_paging_is_stable_and_complete(new_tenant: Callable[..., TenantCtx], adm
     first = audit(admin, tenant=tenant.name, limit=2)
     assert first["has_more"] is True
     assert audit(tenant.http, after=first["next_after"], limit=2)["data"] == full[2:4]
-
-
-@pytest.fixture
-async def sessions(backend: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    name = None
-    if backend == "postgres":
-        name, url = await asyncio.to_thread(create_database)
-    else:
-        url = f"sqlite+aiosqlite:///{Path(tempfile.mkdtemp()) / 'audit.db'}"
-    await asyncio.to_thread(migrate.upgrade, url)
-    engine = create_engine(url)
-    yield session_factory(engine)
-    await engine.dispose()
-    if name:
-        await asyncio.to_thread(drop_database, name)
 
 
 def audit_event(tenant: str | None, type_: str, **data: object) -> Event:

@@ -3,40 +3,18 @@ consumers, and poison events parked with their error instead of blocking the res
 
 from __future__ import annotations
 
-import asyncio
-import tempfile
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.analytics.tables import UsageRecord
 from somaagent.analytics.usage import UsageConsumer, usage_by_model_day
-from somaagent.db import migrate
-from somaagent.db.engine import create_engine, session_factory
 from somaagent.events.bus import InProcessBus
 from somaagent.events.outbox import BufferedEmitter, add_event
 from somaagent.events.relay import MAX_ATTEMPTS, OutboxRelay
 from somaagent.events.schemas import MODEL_USAGE, Event
 from somaagent.events.tables import OutboxEvent
-from tests.support.postgres import create_database, drop_database
-
-
-@pytest.fixture
-async def sessions(backend: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    name = None
-    if backend == "postgres":
-        name, url = await asyncio.to_thread(create_database)
-    else:
-        url = f"sqlite+aiosqlite:///{Path(tempfile.mkdtemp()) / 'events.db'}"
-    await asyncio.to_thread(migrate.upgrade, url)
-    engine = create_engine(url)
-    yield session_factory(engine)
-    await engine.dispose()
-    if name:
-        await asyncio.to_thread(drop_database, name)
 
 
 def usage_event(tenant: str, model: str, prompt: int, completion: int) -> Event:

@@ -8,10 +8,7 @@ import asyncio
 import base64
 import json
 import secrets
-import tempfile
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -21,35 +18,17 @@ from somaagent.core.clock import utcnow
 from somaagent.core.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthenticated
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
-from somaagent.db import migrate
-from somaagent.db.engine import create_engine, session_factory
 from somaagent.events.schemas import AUDIT_EVENTS
 from somaagent.events.tables import OutboxEvent
 from somaagent.identity import mfa, totp
 from somaagent.identity.capabilities import Capability, capabilities_of_role
 from somaagent.identity.secret_box import SecretBox
 from somaagent.identity.tables import RecoveryCode, Tenant, User
-from tests.support.postgres import create_database, drop_database
 
 BOX = SecretBox(secrets.token_bytes(32), "totp")
 RECOVERY_KEY = secrets.token_bytes(32)
 ISSUER = "SomaAgent"
 T0 = 1_800_000_010.0  # 10 s into a 30-second step
-
-
-@pytest.fixture
-async def sessions(backend: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    name = None
-    if backend == "postgres":
-        name, url = await asyncio.to_thread(create_database)
-    else:
-        url = f"sqlite+aiosqlite:///{Path(tempfile.mkdtemp()) / 'mfa.db'}"
-    await asyncio.to_thread(migrate.upgrade, url)
-    engine = create_engine(url)
-    yield session_factory(engine)
-    await engine.dispose()
-    if name:
-        await asyncio.to_thread(drop_database, name)
 
 
 @dataclass

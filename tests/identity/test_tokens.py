@@ -12,7 +12,6 @@ import hmac
 import importlib.util
 import json
 import secrets
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -63,19 +62,6 @@ CAPS = frozenset({"chat:use", "memory:read", "account:self"})
 
 def box() -> SecretBox:
     return SecretBox(SECRET, signing_keys.SEALING_PURPOSE)
-
-
-@pytest.fixture
-async def database_url(backend: str) -> AsyncIterator[str]:
-    name = None
-    if backend == "postgres":
-        name, url = await asyncio.to_thread(create_database)
-    else:
-        url = f"sqlite+aiosqlite:///{Path(tempfile.mkdtemp()) / 'tokens.db'}"
-    await asyncio.to_thread(migrate.upgrade, url)
-    yield url
-    if name:
-        await asyncio.to_thread(drop_database, name)
 
 
 @asynccontextmanager
@@ -168,8 +154,8 @@ def good_claims(**changes: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("algorithm", ["EdDSA", "RS256"])
-async def test_issue_verify_round_trip_carries_every_claim(database_url: str, algorithm: str) -> None:
-    async with replica(database_url, replace(SETTINGS, algorithm=algorithm)) as (tokens, _):
+async def test_issue_verify_round_trip_carries_every_claim(migrated_database: str, algorithm: str) -> None:
+    async with replica(migrated_database, replace(SETTINGS, algorithm=algorithm)) as (tokens, _):
         issued = await tokens.issue_access_token(
             user_id="usr_alice",
             tenant_id="ten_acme",
@@ -211,8 +197,8 @@ async def test_issue_verify_round_trip_carries_every_claim(database_url: str, al
         assert abs(claims["iat"] - time.time()) < 5
 
 
-async def test_reserved_claims_cannot_be_overridden(database_url: str) -> None:
-    async with replica(database_url) as (tokens, _):
+async def test_reserved_claims_cannot_be_overridden(migrated_database: str) -> None:
+    async with replica(migrated_database) as (tokens, _):
         with pytest.raises(ValueError, match="sub"):
             await tokens.issue_access_token(
                 user_id="u",
@@ -247,8 +233,8 @@ def test_shape_helpers() -> None:
 # Rejections.
 
 
-async def test_every_forgery_and_misuse_is_refused(database_url: str) -> None:
-    async with replica(database_url) as (tokens, sessions):
+async def test_every_forgery_and_misuse_is_refused(migrated_database: str) -> None:
+    async with replica(migrated_database) as (tokens, sessions):
         genuine = await issue(tokens)
         await tokens.verify_access_token(genuine)
         ours = await active_private_key(sessions)
@@ -344,8 +330,8 @@ async def test_every_forgery_and_misuse_is_refused(database_url: str) -> None:
         assert (await tokens.verify_access_token(genuine)).token_id is not None
 
 
-async def test_unknown_kids_do_not_hammer_the_database(database_url: str) -> None:
-    async with replica(database_url) as (tokens, sessions):
+async def test_unknown_kids_do_not_hammer_the_database(migrated_database: str) -> None:
+    async with replica(migrated_database) as (tokens, sessions):
         await tokens.verify_access_token(await issue(tokens))
         ours = await active_private_key(sessions)
         started = time.monotonic()
@@ -413,9 +399,9 @@ def test_rfc_7520_4_1_rs256_vector() -> None:
 # Rotation.
 
 
-async def test_rotation_keeps_old_tokens_until_they_expire(database_url: str) -> None:
+async def test_rotation_keeps_old_tokens_until_they_expire(migrated_database: str) -> None:
     short = replace(SETTINGS, access_ttl_s=2, poll_s=0.1)
-    async with replica(database_url, short) as (tokens, sessions):
+    async with replica(migrated_database, short) as (tokens, sessions):
         old_token = await issue(tokens)
         old_kid = jwt.get_unverified_header(old_token)["kid"]
         new_kid = await tokens.rotate_signing_key()
@@ -441,10 +427,10 @@ async def _jwks_kids(tokens: TokenService, expected: list[str]) -> bool:
     return [k["kid"] for k in (await tokens.jwks())["keys"]] == expected
 
 
-async def test_second_replica_verifies_keys_created_after_it_started(database_url: str) -> None:
+async def test_second_replica_verifies_keys_created_after_it_started(migrated_database: str) -> None:
     async with (
-        replica(database_url, started=True) as (first, _),
-        replica(database_url, started=True) as (
+        replica(migrated_database, started=True) as (first, _),
+        replica(migrated_database, started=True) as (
             second,
             _,
         ),
@@ -465,10 +451,10 @@ async def _signs_with(tokens: TokenService, kid: str) -> bool:
     return bool(jwt.get_unverified_header(await issue(tokens))["kid"] == kid)
 
 
-async def test_two_replicas_creating_the_first_key_at_once_agree(database_url: str) -> None:
+async def test_two_replicas_creating_the_first_key_at_once_agree(migrated_database: str) -> None:
     async with (
-        replica(database_url, started=True) as (first, sessions),
-        replica(database_url, started=True) as (second, _),
+        replica(migrated_database, started=True) as (first, sessions),
+        replica(migrated_database, started=True) as (second, _),
     ):
         tokens = await asyncio.gather(*(issue(s) for s in (first, second) for _ in range(3)))
         for token in tokens:
@@ -484,14 +470,14 @@ async def test_two_replicas_creating_the_first_key_at_once_agree(database_url: s
         assert unretired == 1
 
 
-async def test_keys_rotate_by_age_on_exactly_one_replica(database_url: str) -> None:
+async def test_keys_rotate_by_age_on_exactly_one_replica(migrated_database: str) -> None:
     aging = replace(SETTINGS, key_max_age_s=1.5, poll_s=0.1)
-    async with replica(database_url, aging) as (setup, _):
+    async with replica(migrated_database, aging) as (setup, _):
         token = await issue(setup)  # the first key exists before the replicas start
     first_kid = jwt.get_unverified_header(token)["kid"]
     async with (
-        replica(database_url, aging, started=True) as (first, sessions),
-        replica(database_url, aging, started=True) as (second, _),
+        replica(migrated_database, aging, started=True) as (first, sessions),
+        replica(migrated_database, aging, started=True) as (second, _),
     ):
 
         async def rotated() -> bool:
@@ -543,8 +529,11 @@ def test_cli_rotate_signing(
     asyncio.run(check())
 
 
-async def test_a_replica_with_another_secret_verifies_but_cannot_sign(database_url: str) -> None:
-    async with replica(database_url) as (good, _), replica(database_url, secret=b"x" * 32) as (odd, _):
+async def test_a_replica_with_another_secret_verifies_but_cannot_sign(migrated_database: str) -> None:
+    async with (
+        replica(migrated_database) as (good, _),
+        replica(migrated_database, secret=b"x" * 32) as (odd, _),
+    ):
         token = await issue(good)
         # The private key is sealed under the server secret; the public keys need none.
         assert (await odd.verify_access_token(token)).user_id == "usr_alice"
@@ -556,10 +545,10 @@ async def test_a_replica_with_another_secret_verifies_but_cannot_sign(database_u
 # Revocation.
 
 
-async def test_revocations_reach_another_replica_within_a_second(database_url: str) -> None:
+async def test_revocations_reach_another_replica_within_a_second(migrated_database: str) -> None:
     async with (
-        replica(database_url, started=True) as (here, sessions),
-        replica(database_url, started=True) as (there, _),
+        replica(migrated_database, started=True) as (here, sessions),
+        replica(migrated_database, started=True) as (there, _),
     ):
         expires = utcnow() + timedelta(seconds=900)
 
@@ -604,7 +593,7 @@ async def test_revocations_reach_another_replica_within_a_second(database_url: s
             await there.verify_access_token(token)
 
         # A replica started later loads every revocation still in force.
-        async with replica(database_url) as (late, _):
+        async with replica(migrated_database) as (late, _):
             for token in (by_jti, *family_tokens, before):
                 assert (await rejected(late, token)).code == "token_revoked"
             await late.verify_access_token(after)
@@ -614,8 +603,8 @@ async def test_revocations_reach_another_replica_within_a_second(database_url: s
         assert kinds == ["family", "jti", "subject"]
 
 
-async def test_mfa_challenges_obey_revocation_and_expiry(database_url: str) -> None:
-    async with replica(database_url) as (tokens, sessions):
+async def test_mfa_challenges_obey_revocation_and_expiry(migrated_database: str) -> None:
+    async with replica(migrated_database) as (tokens, sessions):
         challenge = await tokens.issue_mfa_challenge(user_id="usr_dave", tenant_id="ten_acme", ttl_s=1)
         assert await tokens.verify_mfa_challenge(challenge) == ("usr_dave", "ten_acme")
         claims = jwt.decode(challenge, options={"verify_signature": False})
@@ -670,9 +659,9 @@ async def test_a_revocation_committed_out_of_sequence_order_is_not_missed(postgr
         assert await within(1.0, lambda: refused(slow)) < 1.0
 
 
-async def test_expired_revocations_and_keys_are_pruned(database_url: str) -> None:
+async def test_expired_revocations_and_keys_are_pruned(migrated_database: str) -> None:
     short = replace(SETTINGS, access_ttl_s=1, poll_s=0.1)
-    async with replica(database_url, short) as (tokens, sessions):
+    async with replica(migrated_database, short) as (tokens, sessions):
         await issue(tokens)
         await tokens.rotate_signing_key()
         now = utcnow()

@@ -8,11 +8,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +19,6 @@ from sqlalchemy import select, update
 
 from somaagent.core.clock import utcnow
 from somaagent.core.principal import Principal
-from somaagent.db import migrate
 from somaagent.db.engine import create_engine, session_factory
 from somaagent.identity.capabilities import TENANT_CAPABILITIES
 from somaagent.memory.chunking import chunk_sections, wordpiece_counter
@@ -36,7 +33,6 @@ from somaagent.models.messages import Embeddings
 from somaagent.models.providers.minilm import MiniLMEmbedder, find_model_dir
 from tests.conftest import TenantCtx
 from tests.support.contract import error_of
-from tests.support.postgres import create_database, drop_database
 from tests.support.processes import SomaServer
 
 HANDBOOK = """# Employee handbook
@@ -481,26 +477,12 @@ def server_database(server: SomaServer) -> str:
     return server.env.get("SOMA_DATABASE_URL") or f"sqlite+aiosqlite:///{server.data_dir / 'soma.db'}"
 
 
-@pytest.fixture
-def fresh_database(backend: str) -> Iterator[str]:
-    if backend == "postgres":
-        name, url = create_database()
-    else:
-        name, url = "", f"sqlite+aiosqlite:///{Path(tempfile.mkdtemp(prefix='soma-docs-')) / 'soma.db'}"
-    migrate.upgrade(url)
-    try:
-        yield url
-    finally:
-        if name:
-            drop_database(name)
-
-
 PRINCIPAL = Principal("ten_local", "local", "key:k1", "k1", TENANT_CAPABILITIES)
 
 
-async def test_one_claim_wins_and_an_expired_lease_is_taken_over(fresh_database: str) -> None:
-    first, ingest, e1 = a_worker(fresh_database, "worker-1")
-    second, _, e2 = a_worker(fresh_database, "worker-2")
+async def test_one_claim_wins_and_an_expired_lease_is_taken_over(migrated_database: str) -> None:
+    first, ingest, e1 = a_worker(migrated_database, "worker-1")
+    second, _, e2 = a_worker(migrated_database, "worker-2")
     try:
         await _claims_and_takeover(first, second, ingest)
     finally:
