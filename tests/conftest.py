@@ -104,7 +104,8 @@ def new_tenant(server: SomaServer, admin: httpx.Client) -> Iterator[Callable[...
             if found.status_code == 200
             else admin.post("/v1/tenants", json={"name": name}).json()
         )
-        created = admin.post("/v1/keys", json={"tenant": name, "name": "test"})
+        # An owner-role key: the tests use it to manage the tenant as well as to call models.
+        created = admin.post("/v1/keys", json={"tenant": name, "name": "test", "role": "owner"})
         assert created.status_code == 201, created.text
         key = created.json()
         http = httpx.Client(

@@ -165,6 +165,9 @@ def test_filters_by_type_actor_and_time(new_tenant: Callable[..., TenantCtx]) ->
         ({"after": "evt_does_not_exist"}, "after"),
         ({"type": ""}, "type"),
         ({"type": "x" * 65}, "type"),
+        ({"since": "0001-01-01T00:00:00+01:00"}, "since"),  # before the first representable instant
+        ({"until": "9999-12-31T23:59:59-23:59"}, "until"),
+        ({"after": "cur_MDAwMS0wMS0wMVQwMDowMDowMCswMTowMHxldnRfeA"}, "after"),
     ],
 )
 def test_bad_filters_are_400_naming_the_parameter(

@@ -7,6 +7,7 @@ import base64
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -17,7 +18,7 @@ from tests.support.processes import SomaServer, start_soma
 
 PASSWORD = "correct horse battery staple"
 ACCOUNT_LIMIT = 3
-ADDRESS_LIMIT = 20  # above the failures the account tests before it make (14)
+ADDRESS_LIMIT = 40  # above the attempts the account tests before it make
 LOCKOUT_S = 4
 
 
@@ -90,6 +91,28 @@ def test_unknown_accounts_lock_the_same_way(strict: SomaServer, operator: httpx.
         real[-1].json()["error"]["message"].split(";")[0]
         == ghost[-1].json()["error"]["message"].split(";")[0]
     )
+    operator.post(f"/v1/users/{user['id']}/unlock")
+
+
+def test_spelling_a_name_differently_does_not_buy_more_attempts(
+    strict: SomaServer, operator: httpx.Client
+) -> None:
+    tenant, user = new_user(operator)
+    name = user["username"]
+    variants = [name, f" {name}", f"{name} ", name.upper()]
+    statuses = [login(strict, tenant, v, "wrong password!").status_code for v in variants]
+    assert statuses == [401] * ACCOUNT_LIMIT + [429]
+    operator.post(f"/v1/users/{user['id']}/unlock")
+
+
+def test_concurrent_guesses_cannot_outrun_the_count(strict: SomaServer, operator: httpx.Client) -> None:
+    """Each attempt is counted before its password is checked, so a burst gets the limit and no more."""
+    tenant, user = new_user(operator)
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        statuses = list(
+            pool.map(lambda _: login(strict, tenant, user["username"], "wrong!wrong!").status_code, range(12))
+        )
+    assert statuses.count(401) == ACCOUNT_LIMIT and statuses.count(429) == 12 - ACCOUNT_LIMIT
     operator.post(f"/v1/users/{user['id']}/unlock")
 
 

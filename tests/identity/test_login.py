@@ -200,7 +200,9 @@ def test_nobody_appoints_above_their_own_role(server: SomaServer, tenant: Tenant
         assert member.status_code == 201, member.text
         assert error_of(client.patch(f"/v1/users/{admin_user['id']}", json={"role": "owner"}), 403)
         # An admin key (capabilities) cannot be minted beyond what the admin holds.
-        key = client.post("/v1/keys", json={"name": "mine", "capabilities": ["chat:use", "users:admin"]})
+        key = client.post(
+            "/v1/keys", json={"name": "mine", "role": "admin", "capabilities": ["chat:use", "users:admin"]}
+        )
         assert key.status_code == 201, key.text
         assert error_of(client.post("/v1/keys", json={"name": "x", "scope": "admin"}), 403)
 
@@ -257,14 +259,14 @@ def test_users_are_private_to_their_tenant(server: SomaServer, new_tenant: Calla
     assert error_of(login(server, mine, theirs["username"]), 401)["code"] == "invalid_grant"
 
 
-def test_changing_your_password_ends_your_other_logins(server: SomaServer, tenant: TenantCtx) -> None:
+def test_changing_your_password_ends_your_logins(server: SomaServer, tenant: TenantCtx) -> None:
     user = make_user(tenant)
     old = login(server, tenant, user["username"]).json()
     with httpx.Client(base_url=server.base_url, headers=bearer(old["access_token"]), timeout=30) as client:
         wrong = client.post(
             "/v1/users/me/password", json={"current_password": "nope", "new_password": PASSWORD * 2}
         )
-        assert error_of(wrong, 401)["code"] == "invalid_password"
+        assert error_of(wrong, 400)["code"] == "invalid_password"
         changed = client.post(
             "/v1/users/me/password",
             json={"current_password": PASSWORD, "new_password": "a brand new passphrase"},
@@ -331,3 +333,87 @@ def test_a_tenant_that_requires_mfa_lets_unenrolled_users_only_enroll(
     outsider = new_tenant()
     assert error_of(outsider.http.patch(f"/v1/tenants/{tenant.name}", json={"require_mfa": False}), 404)
     assert error_of(tenant.http.patch(f"/v1/tenants/{tenant.name}", json={"disabled": True}), 403)
+
+
+def test_keys_act_with_a_role_no_higher_than_their_creators(server: SomaServer, tenant: TenantCtx) -> None:
+    default = tenant.http.post("/v1/keys", json={"name": "app"}).json()
+    assert default["role"] == "member" and "users:admin" not in default["capabilities"]
+    with httpx.Client(base_url=server.base_url, headers=bearer(default["key"]), timeout=30) as app:
+        assert app.get("/v1/models").status_code == 200
+        assert error_of(app.post("/v1/users", json={"username": "x", "password": PASSWORD}), 403)["code"] == (
+            "missing_capability"
+        )
+    eve = make_user(tenant, "admin")
+    eve_token = login(server, tenant, eve["username"]).json()["access_token"]
+    with httpx.Client(base_url=server.base_url, headers=bearer(eve_token), timeout=30) as client:
+        assert error_of(client.post("/v1/keys", json={"name": "k", "role": "owner"}), 403)["code"] == (
+            "role_escalation"
+        )
+        key = client.post("/v1/keys", json={"name": "k", "role": "admin"}).json()
+        assert key["role"] == "admin"
+    owner = make_user(tenant, "owner")
+    with httpx.Client(base_url=server.base_url, headers=bearer(key["key"]), timeout=30) as eves_key:
+        body = {"username": "boss2@example.com", "role": "owner", "password": PASSWORD}
+        assert error_of(eves_key.post("/v1/users", json=body), 403)["code"] == "role_escalation"
+        assert error_of(eves_key.patch(f"/v1/users/{eve['id']}", json={"role": "owner"}), 403)
+        assert error_of(eves_key.patch(f"/v1/users/{owner['id']}", json={"disabled": True}), 403)
+        assert error_of(eves_key.post(f"/v1/users/{owner['id']}/reset-mfa"), 403)["code"] == "role_escalation"
+        assert error_of(eves_key.post("/v1/auth/revoke", json={"user": owner["id"]}), 403)
+        # Demoting Eve ends the keys she made.
+        assert tenant.http.patch(f"/v1/users/{eve['id']}", json={"role": "member"}).status_code == 200
+        assert error_of(eves_key.get("/v1/models"), 401)["code"] == "invalid_api_key"
+
+
+def test_nobody_lifts_their_own_second_factor(server: SomaServer, tenant: TenantCtx) -> None:
+    admin_user = make_user(tenant, "admin")
+    token = login(server, tenant, admin_user["username"]).json()["access_token"]
+    mine = httpx.post(f"{server.v1}/users/{admin_user['id']}/reset-mfa", headers=bearer(token))
+    assert error_of(mine, 403)["message"].startswith("you cannot do this to your own account")
+
+
+def test_disabling_a_tenant_stops_its_users_tokens(
+    server: SomaServer, new_tenant: Callable[..., TenantCtx], admin: httpx.Client
+) -> None:
+    tenant = new_tenant()
+    user = make_user(tenant)
+    token = login(server, tenant, user["username"]).json()["access_token"]
+    assert admin.patch(f"/v1/tenants/{tenant.name}", json={"disabled": True}).status_code == 200
+    assert httpx.get(f"{server.v1}/models", headers=bearer(token)).status_code == 401
+    assert httpx.get(f"{server.v1}/models", headers=bearer(tenant.key)).status_code == 401
+    assert error_of(login(server, tenant, user["username"]), 401)["code"] == "invalid_grant"
+
+
+def test_enrolling_a_second_factor_ends_other_logins(server: SomaServer, tenant: TenantCtx) -> None:
+    from somaagent.identity import totp
+
+    user = make_user(tenant)
+    stolen = login(server, tenant, user["username"]).json()  # someone else has the password
+    mine = login(server, tenant, user["username"]).json()
+    with httpx.Client(base_url=server.base_url, headers=bearer(mine["access_token"]), timeout=30) as client:
+        enrollment = client.post("/v1/auth/mfa/totp/enroll").json()
+        secret = base64.b32decode(enrollment["secret"] + "=" * (-len(enrollment["secret"]) % 8))
+        assert (
+            client.post(
+                "/v1/auth/mfa/totp/confirm", json={"code": totp.totp(secret, time.time())}
+            ).status_code
+            == 200
+        )
+        assert client.get("/v1/users/me").status_code == 200  # the login that enrolled goes on
+    assert httpx.get(f"{server.v1}/models", headers=bearer(stolen["access_token"])).status_code == 401
+    url = f"{server.v1}/auth/token"
+    refreshed = httpx.post(
+        url, data={"grant_type": "refresh_token", "refresh_token": stolen["refresh_token"]}
+    )
+    assert error_of(refreshed, 401)["code"] == "invalid_grant"
+    kept = httpx.post(url, data={"grant_type": "refresh_token", "refresh_token": mine["refresh_token"]})
+    assert kept.status_code == 200, kept.text
+
+
+def test_errors_never_echo_a_secret(server: SomaServer, tenant: TenantCtx) -> None:
+    secret = "s3cret-" + "x" * 300
+    too_long = tenant.http.post("/v1/users", json={"username": "echo@example.com", "password": secret})
+    assert error_of(too_long, 400)["param"] == "password"
+    assert "s3cret" not in too_long.text
+    form = {"grant_type": "client_credentials", "client_id": "usr_x", "client_secret": secret}
+    refused = httpx.post(f"{server.v1}/auth/token", data=form)
+    assert refused.status_code == 400 and "s3cret" not in refused.text

@@ -15,7 +15,7 @@ from somaagent.api.openai.docs import error_responses
 from somaagent.core.errors import Forbidden, InvalidRequest, SomaError
 from somaagent.identity.auth_schemas import RevokedOut, RevokeRequest, TokenRequest, TokenResponse
 from somaagent.identity.login import MFA_GRANT, TokenGrant
-from somaagent.identity.users import get_user
+from somaagent.identity.users import ensure_may_manage, get_user
 
 router = APIRouter(prefix="/v1/auth", tags=["Authentication"])
 
@@ -124,6 +124,7 @@ async def revoke(body: RevokeRequest, principal: UsersAdminDep, services: Servic
     async with services.sessions() as session:
         if body.user is not None:
             user = await get_user(session, principal, body.user)
+            ensure_may_manage(principal, user)
             await services.logins.revoke_user_tokens(session, principal, user)
             await session.commit()
             return RevokedOut(revoked="user")

@@ -105,6 +105,8 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
     return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
 
 
+# Parameters whose values are never echoed back in an error (they may be a real secret, mistyped).
+_SECRET_PARAMS = ("password", "secret", "token", "otp", "code", "key")
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 # FastAPI's first location item says where the value came from; OpenAI's `param` is the name alone.
 _SOURCES = frozenset({"body", "query", "path", "header", "cookie"})
@@ -160,7 +162,8 @@ def translate_validation(errors: list[dict[str, Any]]) -> SomaError:
         code = getattr(cause, "code", None) or "invalid_value"
         return InvalidRequest(message, param=getattr(cause, "param", None) or param, code=code)
     got = first.get("input")
-    shown = "" if isinstance(got, dict | list) or got is None else f" (got {str(got)[:60]!r})"
+    secret = any(word in (param or "") for word in _SECRET_PARAMS)
+    shown = "" if isinstance(got, dict | list) or got is None or secret else f" (got {str(got)[:60]!r})"
     return InvalidRequest(
         f"Invalid value for '{param}': {first.get('msg', 'invalid')}{shown}.",
         param=param,

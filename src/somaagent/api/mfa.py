@@ -166,6 +166,7 @@ async def confirm_totp(
             session, services.mfa_box, services.recovery_key, user, body.code, time.time()
         ),
     )
+    await services.logins.end_other_logins(session, user, principal.login_id)
     await session.commit()
     response.headers.update(_NO_STORE)
     return RecoveryCodesOut(recovery_codes=codes)

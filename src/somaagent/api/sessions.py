@@ -169,9 +169,7 @@ async def get_run(session_id: str, run_id: str, principal: ChatUseDep, services:
 
 
 @router.post("/{session_id}/runs/{run_id}/cancel", response_model=RunOut, responses=error_responses(401, 404))
-async def cancel_run(
-    session_id: str, run_id: str, principal: ChatUseDep, services: ServicesDep
-) -> Response:
+async def cancel_run(session_id: str, run_id: str, principal: ChatUseDep, services: ServicesDep) -> Response:
     """Stop a run; answers the run once it has ended (a finished run is returned as it is)."""
     await services.agents.cancel(principal, session_id, run_id)
     return await _run_response(services, principal, session_id, run_id)
@@ -206,6 +204,13 @@ async def session_socket(websocket: WebSocket, session_id: str, after: int | Non
     try:
         while True:
             command = await websocket.receive_json()
+            try:
+                # Each command re-checks the credential (cached, cheap): a logout, revocation or expiry
+                # must stop a socket opened before it.
+                principal = await services.authenticator.authenticate(websocket.headers.get("authorization"))
+            except SomaError as exc:
+                await websocket.close(code=4401, reason=exc.message[:120])
+                return
             await _socket_command(websocket, services, principal, session_id, command)
     except WebSocketDisconnect:
         pass

@@ -9,7 +9,7 @@ from somaagent.api.openai.docs import error_responses
 from somaagent.core.errors import Forbidden
 from somaagent.core.pagination import ListOut
 from somaagent.core.principal import Principal
-from somaagent.identity import mfa, throttle
+from somaagent.identity import mfa
 from somaagent.identity.auth_schemas import (
     PasswordChange,
     UnlockOut,
@@ -18,14 +18,15 @@ from somaagent.identity.auth_schemas import (
     UserOut,
     UserPatch,
 )
+from somaagent.identity.service import revoke_keys_created_by
 from somaagent.identity.tables import User
 from somaagent.identity.users import (
-    audit,
     change_password,
     create_user,
+    ensure_may_manage,
     get_user,
     list_users,
-    login_throttle_key,
+    unlock_user,
     update_user,
 )
 
@@ -74,9 +75,12 @@ async def me(principal: AccountSelfDep, session: SessionDep) -> UserOut:
 async def set_password(
     body: PasswordChange, principal: AccountSelfDep, services: ServicesDep, session: SessionDep
 ) -> UserOut:
-    """Change your password; every other login of yours is revoked."""
+    """Change your password; every login of yours, this one too, is revoked: log in again with it.
+    Wrong current passwords count against the account's login throttle."""
     user = await _me(session, principal)
-    await change_password(session, user, body.current_password, body.new_password)
+    await services.logins.check_code(
+        session, user, lambda: change_password(session, user, body.current_password, body.new_password)
+    )
     await services.logins.revoke_user_tokens(session, principal, user)
     await session.commit()
     return UserOut.of(user)
@@ -95,7 +99,9 @@ async def update(
     found = await get_user(session, principal, user)
     if await update_user(session, principal, found, role=body.role, disabled=body.disabled):
         await services.logins.revoke_user_tokens(session, principal, found)
+        await revoke_keys_created_by(session, f"user:{found.id}", principal.subject)
     await session.commit()
+    services.authenticator.invalidate()
     return UserOut.of(found)
 
 
@@ -105,6 +111,7 @@ async def reset_mfa(
 ) -> UserOut:
     """Remove a user's second factor (a lost phone); they enroll again at their next login."""
     found = await get_user(session, principal, user)
+    ensure_may_manage(principal, found)
     await mfa.reset_mfa(session, principal, found)
     await services.logins.revoke_user_tokens(session, principal, found)
     await session.commit()
@@ -115,9 +122,6 @@ async def reset_mfa(
 async def unlock(user: str, principal: UsersAdminDep, session: SessionDep) -> UnlockOut:
     """Clear a user's failed-login lockout."""
     found = await get_user(session, principal, user)
-    was_locked = await throttle.clear(session, login_throttle_key(found))
-    audit(
-        session, principal.subject, found.tenant_id, "user.unlocked", user_id=found.id, was_locked=was_locked
-    )
+    was_locked = await unlock_user(session, principal, found)
     await session.commit()
     return UnlockOut(user_id=found.id, was_locked=was_locked)

@@ -73,6 +73,10 @@ def decode_cursor(value: str) -> AuditCursor | None:
         ) from exc
     if not record_id or occurred_at.tzinfo is None:
         raise InvalidRequest(f"`after` {value!r} is not a valid cursor", param="after")
+    try:
+        occurred_at = occurred_at.astimezone(UTC)
+    except OverflowError as exc:  # year 1 or 9999 pushed past the calendar by its offset
+        raise InvalidRequest(f"`after` {value!r} is not a valid cursor", param="after") from exc
     return AuditCursor(occurred_at, record_id)
 
 
@@ -90,7 +94,10 @@ def parse_timestamp(value: str, param: str) -> datetime:
             f"`{param}` {value!r} has no time zone; add `Z` (UTC) or an offset such as +02:00", param=param
         )
     # SQLite stores timestamps without their zone: compare in UTC, as they were written.
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError as exc:  # 0001-01-01T00:00+01:00 is before the first representable instant
+        raise InvalidRequest(f"`{param}` {value!r} is outside the representable range", param=param) from exc
 
 
 def _scope(principal: Principal, tenant_id: str | None) -> str | None:

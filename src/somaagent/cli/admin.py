@@ -57,6 +57,9 @@ def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant name or id.")],
     name: Annotated[str, typer.Option(help="A label for the key.")] = "default",
     admin: Annotated[bool, typer.Option("--admin", help="An admin key (manages every tenant).")] = False,
+    role: Annotated[
+        str | None, typer.Option(help="owner, admin, member (default) or viewer: what the key may do.")
+    ] = None,
 ) -> None:
     """Create an API key; it is printed once."""
     settings = Settings()
@@ -64,13 +67,16 @@ def keys_create(
     try:
         created = run_in_session(
             settings,
-            lambda s: service.create_key(s, None, secret, tenant, name, "admin" if admin else "tenant"),
+            lambda s: service.create_key(
+                s, None, secret, tenant, name, "admin" if admin else "tenant", role=role
+            ),
         )
     except SomaError as exc:
         _fail(exc)
     typer.echo(created.secret)
     typer.echo(
-        f"# key {created.key.id} for tenant {tenant} ({created.key.scope}); shown once — store it now.",
+        f"# key {created.key.id} for tenant {tenant} ({created.key.role or created.key.scope}); shown once — "
+        "store it now.",
         err=True,
     )
 

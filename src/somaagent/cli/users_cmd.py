@@ -14,17 +14,18 @@ from somaagent.config import Settings
 from somaagent.core.clock import utcnow
 from somaagent.core.errors import SomaError
 from somaagent.core.principal import Principal
-from somaagent.identity import mfa, throttle
+from somaagent.identity import mfa
 from somaagent.identity.capabilities import OPERATOR_CAPABILITIES
 from somaagent.identity.login import end_refresh_tokens
 from somaagent.identity.revocation import add_revocation
+from somaagent.identity.service import revoke_keys_created_by
 from somaagent.identity.tables import User
 from somaagent.identity.users import (
     CreatedUser,
     create_user,
     get_user,
     list_users,
-    login_throttle_key,
+    unlock_user,
     update_user,
 )
 
@@ -104,6 +105,7 @@ def _set_disabled(tenant: str, user_ref: str, disabled: bool) -> User:
         if await update_user(session, None, user, disabled=disabled) and disabled:
             _end_logins(session, settings, user)
             await end_refresh_tokens(session, None, user)
+            await revoke_keys_created_by(session, f"user:{user.id}", "cli")
         return user
 
     try:
@@ -153,7 +155,7 @@ def users_unlock(user: UserArgument, tenant: TenantOption) -> None:
 
     async def work(session: AsyncSession) -> tuple[User, bool]:
         found = await get_user(session, None, user, tenant)
-        return found, await throttle.clear(session, login_throttle_key(found))
+        return found, await unlock_user(session, None, found)
 
     try:
         found, was_locked = run_in_session(Settings(), work)

@@ -74,6 +74,7 @@ class KeyAuthenticator:
                         ApiKey.id,
                         ApiKey.scope,
                         ApiKey.capabilities,
+                        ApiKey.role,
                         ApiKey.revoked_at,
                         Tenant.id,
                         Tenant.name,
@@ -85,7 +86,7 @@ class KeyAuthenticator:
             ).first()
         if row is None:
             raise Unauthenticated("invalid API key")
-        key_id, scope, capabilities, revoked_at, tenant_id, tenant_name, disabled = row
+        key_id, scope, capabilities, role, revoked_at, tenant_id, tenant_name, disabled = row
         if revoked_at is not None:
             raise Unauthenticated("this API key has been revoked; create a new one with `soma keys create`")
         if disabled:
@@ -96,6 +97,7 @@ class KeyAuthenticator:
             subject=f"key:{key_id}",
             key_id=key_id,
             capabilities=key_capabilities(scope, capabilities),
+            role=role,
         )
 
     def invalidate(self) -> None:

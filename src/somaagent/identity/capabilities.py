@@ -1,7 +1,8 @@
 """Capabilities (what a caller may do) and the roles that bundle them.
 
-A route names the one capability it needs (`api/deps.py`); users get theirs from their role, API keys
-carry an explicit subset, and nobody can grant a capability they do not hold.
+A route names the one capability it needs (`api/deps.py`); users get theirs from their role; API keys act
+as a role too (their rank) and carry a subset of its capabilities. Nobody grants a capability they do not
+hold or a role above their own.
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ ROLE_CAPABILITIES: dict[str, frozenset[str]] = {
     "viewer": frozenset(_VIEWER),
 }
 
-# Everything inside one tenant: what a tenant-scoped API key holds unless it names a subset.
+# Everything inside one tenant (what an owner-role key may hold).
 TENANT_CAPABILITIES: frozenset[str] = frozenset(_OWNER)
+# A new tenant key acts as this role unless it names another: enough for an OpenAI client, no management.
+DEFAULT_KEY_ROLE = "member"
 # The operator (admin API keys, the local CLI): every capability, across tenants.
 OPERATOR_CAPABILITIES: frozenset[str] = frozenset(Capability) - {Capability.ACCOUNT_SELF}
 
@@ -78,7 +81,8 @@ def parse_capabilities(values: list[str] | tuple[str, ...]) -> frozenset[str]:
 
 
 def may_assign_role(assigner_role: str | None, role: str) -> bool:
-    """Whether someone with `assigner_role` may give `role` (None is the operator or a tenant key)."""
+    """Whether a non-operator whose role (a user's, or a key's rank) is `assigner_role` may give or manage
+    `role`. Operators are checked before this; a non-operator without a role may assign nothing."""
     if assigner_role is None:
-        return True
+        return False
     return ROLE_RANK[assigner_role] >= ROLE_RANK[role] and (assigner_role == "owner" or role != "owner")

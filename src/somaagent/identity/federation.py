@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +37,6 @@ LEEWAY_S = 30.0  # clock skew tolerated on exp / nbf / iat
 MAX_TOKEN_CHARS = 16_384
 MAX_DOCUMENT_BYTES = 1 << 20  # discovery documents and JWKS are a few kilobytes
 MAX_CACHED_ISSUERS = 10_000
-CLAIM_NAME = re.compile(r"^[A-Za-z0-9_.:/#@-]{1,64}$")
-MAX_ROLE_MAP = 100
 # Common providers' subjects are 20-45 characters; the Principal's subject adds ~43 and must fit the
 # columns that record it (memory documents hold 128).
 MAX_SUBJECT_CHARS = 80

@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.core.clock import utcnow
-from somaagent.core.errors import SomaError, Unauthenticated
+from somaagent.core.errors import Unauthenticated
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
 from somaagent.identity import mfa
@@ -27,8 +27,15 @@ from somaagent.identity.capabilities import ROLE_CAPABILITIES, Capability, capab
 from somaagent.identity.passwords import hash_secret, needs_rehash, verify_secret
 from somaagent.identity.secret_box import SecretBox
 from somaagent.identity.tables import RefreshToken, Tenant, User
-from somaagent.identity.throttle import ThrottlePolicy, account_key, address_key, clear, ensure_not_locked
-from somaagent.identity.throttle import record_failure as count_failure
+from somaagent.identity.throttle import (
+    ThrottlePolicy,
+    account_key,
+    address_key,
+    clear,
+    refusal,
+    release,
+    reserve_attempt,
+)
 from somaagent.identity.tokens import TokenService
 from somaagent.identity.users import audit, login_throttle_key
 
@@ -103,23 +110,26 @@ class Logins:
     ) -> TokenGrant:
         """A human user's login; with MFA and no `otp`, raises `MfaRequired` carrying a challenge token."""
         await self._tokens.ensure_signing_key()
+        name = username.strip().lower()
         async with self._sessions() as session:
             tenant = await _tenant(session, tenant_ref)
-            keys = [account_key(tenant.id if tenant else tenant_ref, username), address_key(address)]
-            now = utcnow()
-            await ensure_not_locked(session, keys, now)
             user = None
             if tenant is not None:
                 user = await session.scalar(
                     select(User).where(
-                        User.tenant_id == tenant.id,
-                        User.username == username.strip().lower(),
-                        User.kind == "human",
+                        User.tenant_id == tenant.id, User.username == name, User.kind == "human"
                     )
                 )
-            matched = await verify_secret(user.secret_hash if user else None, password)
+            stored_hash = user.secret_hash if user is not None else None
+        keys = self._keys(account_key(tenant.id if tenant else tenant_ref, name), address)
+        await self._admit(keys)
+        # No database connection is held while argon2 runs (~200 ms): logins must not drain the pool.
+        matched = await verify_secret(stored_hash, password)
+        async with self._sessions() as session:
+            tenant = await session.get(Tenant, tenant.id) if tenant is not None else None
+            user = await session.get(User, user.id) if user is not None else None
             if not matched or user is None or tenant is None or user.disabled or tenant.disabled:
-                await self._fail(session, keys, tenant, user, "password", now)
+                await self._fail(session, tenant, user, "password", address)
                 raise InvalidGrant(INVALID_LOGIN)
             if needs_rehash(user.secret_hash):
                 user.secret_hash = await hash_secret(password)
@@ -127,10 +137,12 @@ class Logins:
             if mfa.mfa_enabled(user):
                 if otp is None:
                     await session.commit()
+                    # The attempt stays counted until the second factor succeeds: otherwise a password
+                    # holder could alternate logins and code guesses without ever reaching the limit.
                     raise MfaRequired(
                         await self._tokens.issue_mfa_challenge(user_id=user.id, tenant_id=tenant.id)
                     )
-                amr.append(await self._second_factor(session, keys, tenant, user, otp, now))
+                amr.append(await self._second_factor(session, tenant, user, otp, address))
             return await self._succeed(session, keys, tenant, user, amr)
 
     async def mfa_grant(self, mfa_token: str, otp: str, address: str | None) -> TokenGrant:
@@ -138,38 +150,46 @@ class Logins:
         await self._tokens.ensure_signing_key()
         user_id, tenant_id = await self._tokens.verify_mfa_challenge(mfa_token)
         async with self._sessions() as session:
-            tenant = await session.get(Tenant, tenant_id)
             user = await session.scalar(select(User).where(User.id == user_id, User.tenant_id == tenant_id))
+            if user is None:
+                raise InvalidGrant("this MFA challenge is no longer valid; log in again")
+            keys = self._keys(account_key(tenant_id, user.username), address)
+        await self._admit(keys)
+        async with self._sessions() as session:
+            tenant = await session.get(Tenant, tenant_id)
+            user = await session.get(User, user_id)
             if tenant is None or user is None or user.disabled or tenant.disabled:
                 raise InvalidGrant("this MFA challenge is no longer valid; log in again")
-            keys = [account_key(tenant.id, user.username), address_key(address)]
-            now = utcnow()
-            await ensure_not_locked(session, keys, now)
-            method = await self._second_factor(session, keys, tenant, user, otp, now)
+            method = await self._second_factor(session, tenant, user, otp, address)
             return await self._succeed(session, keys, tenant, user, ["pwd", method])
 
     async def client_credentials_grant(
         self, client_id: str, client_secret: str, address: str | None
     ) -> TokenGrant:
-        """A service account's token (no refresh token: it can always ask again)."""
+        """A service account's token (no refresh token: it can always ask again). Only the address is
+        throttled: a 256-bit secret gains nothing from an account lockout, which anyone knowing the
+        client id could use to cut the service off."""
         await self._tokens.ensure_signing_key()
         async with self._sessions() as session:
-            keys = [account_key("client", client_id), address_key(address)]
-            now = utcnow()
-            await ensure_not_locked(session, keys, now)
             user = await session.scalar(select(User).where(User.id == client_id, User.kind == "service"))
+            stored_hash = user.secret_hash if user is not None else None
+        keys = [(address_key(address), self._settings.throttle.address_failures)]
+        await self._admit(keys)
+        matched = await verify_secret(stored_hash, client_secret)
+        async with self._sessions() as session:
+            user = await session.get(User, user.id) if user is not None else None
             tenant = await session.get(Tenant, user.tenant_id) if user is not None else None
-            matched = await verify_secret(user.secret_hash if user else None, client_secret)
             if not matched or user is None or tenant is None or user.disabled or tenant.disabled:
-                await self._fail(session, keys, tenant, user, "client_secret", now)
+                await self._fail(session, tenant, user, "client_secret", address)
                 raise InvalidGrant("invalid client_id or client_secret", code="invalid_client")
-            await clear(session, keys[0])
+            await release(session, keys[0][0])
+            capabilities = ROLE_CAPABILITIES[user.role]
             issued = await self._tokens.issue_access_token(
                 user_id=user.id,
                 tenant_id=tenant.id,
                 tenant_name=tenant.name,
                 role=user.role,
-                capabilities=ROLE_CAPABILITIES[user.role],
+                capabilities=capabilities,
                 family_id=None,
                 amr=[],
             )
@@ -182,9 +202,17 @@ class Logins:
                 grant="client_credentials",
             )
             await session.commit()
-            return TokenGrant(
-                issued.token, issued.expires_in, None, " ".join(sorted(ROLE_CAPABILITIES[user.role]))
-            )
+            return TokenGrant(issued.token, issued.expires_in, None, " ".join(sorted(capabilities)))
+
+    async def check_code(self, session: AsyncSession, user: User, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt` (an action of a logged-in user that checks a code or their password) under the
+        account's login throttle: a stolen access token must not buy unlimited guesses either (at the
+        code that mints fresh recovery codes, say)."""
+        key = login_throttle_key(user)
+        await self._admit([(key, self._settings.throttle.account_failures)])
+        result = await attempt()
+        await clear(session, key)
+        return result
 
     async def refresh_grant(self, refresh_token: str) -> TokenGrant:
         """New tokens for a refresh token. One used twice has leaked: its whole login is revoked."""
@@ -226,27 +254,14 @@ class Logins:
             if user is None or tenant is None or user.disabled or tenant.disabled:
                 await session.commit()
                 raise InvalidGrant("this account can no longer log in")
+            if mfa.mfa_enabled(user) and not {"otp", "recovery"} & set(row.amr):
+                # A login from before the second factor was enrolled (a stolen password, say) ends here.
+                await self._revoke_family(session, row.family_id, now)
+                await session.commit()
+                raise InvalidGrant("this login began before your second factor was enabled; log in again")
             grant = await self._issue(session, tenant, user, list(row.amr), row.family_id)
             await session.commit()
             return grant
-
-    async def check_code(self, session: AsyncSession, user: User, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run `attempt` (an MFA action that checks a code) under the account's login throttle: a
-        logged-in caller must not get unlimited guesses at codes either (a stolen token could otherwise
-        brute-force its way to fresh recovery codes)."""
-        key = login_throttle_key(user)
-        await ensure_not_locked(session, [key], utcnow())
-        try:
-            return await attempt()
-        except SomaError as exc:
-            if exc.code != "invalid_mfa_code":
-                raise
-            # Undo the attempt first: on SQLite its statements may hold the write lock we need.
-            await session.rollback()
-            policy = self._settings.throttle
-            await count_failure(session, policy, key, policy.account_failures, utcnow())
-            await session.commit()
-            raise
 
     async def logout(self, principal: Principal) -> None:
         """End the caller's login: its access token now, and every token of its refresh family."""
@@ -274,30 +289,68 @@ class Logins:
             await self._revoke_family(session, login_id, now)
         audit(session, actor.subject, tenant_id, "auth.token_revoked", jti=token_id, login_id=login_id)
 
+    async def end_other_logins(self, session: AsyncSession, user: User, keep: str | None) -> None:
+        """After a user enrolls a second factor, end every login but the one that enrolled (and proved
+        a code), so a session opened with a stolen password does not survive the enrollment."""
+        now = utcnow()
+        families = await session.scalars(
+            select(RefreshToken.family_id)
+            .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
+            .distinct()
+        )
+        for family in list(families):
+            if family != keep:
+                await self._revoke_family(session, family, now)
+        if keep is not None:
+            live = await session.scalars(
+                select(RefreshToken).where(RefreshToken.family_id == keep, RefreshToken.revoked_at.is_(None))
+            )
+            for row in live:
+                row.amr = sorted({*row.amr, "otp"})
+
     async def revoke_user_tokens(self, session: AsyncSession, actor: Principal | None, user: User) -> None:
         """Revoke every token of `user` (in the caller's transaction): on disable, role change, MFA reset."""
         await self._tokens.revoke_subject(session, user.id)  # applies in this process at once
         await end_refresh_tokens(session, actor, user)
 
     async def _second_factor(
-        self, session: AsyncSession, keys: list[str], tenant: Tenant, user: User, code: str, now: datetime
+        self, session: AsyncSession, tenant: Tenant, user: User, code: str, address: str | None
     ) -> str:
         try:
             return await mfa.verify_second_factor(
-                session, self._mfa_box, self._recovery_key, user, code, now.timestamp()
+                session, self._mfa_box, self._recovery_key, user, code, utcnow().timestamp()
             )
         except Unauthenticated:
-            await self._fail(session, keys, tenant, user, "second_factor", now)
+            await session.rollback()  # the code check may hold SQLite's write lock
+            await self._fail(session, tenant, user, "second_factor", address)
             raise
 
     async def _succeed(
-        self, session: AsyncSession, keys: list[str], tenant: Tenant, user: User, amr: list[str]
+        self, session: AsyncSession, keys: list[tuple[str, int]], tenant: Tenant, user: User, amr: list[str]
     ) -> TokenGrant:
-        await clear(session, keys[0])
+        await clear(session, keys[0][0])
+        await release(session, keys[1][0])
         grant = await self._issue(session, tenant, user, amr, new_id("lgn"))
         audit(session, f"user:{user.id}", tenant.id, "auth.login_succeeded", user_id=user.id, amr=amr)
         await session.commit()
         return grant
+
+    def _keys(self, account: str, address: str | None) -> list[tuple[str, int]]:
+        policy = self._settings.throttle
+        return [(account, policy.account_failures), (address_key(address), policy.address_failures)]
+
+    async def _admit(self, keys: list[tuple[str, int]]) -> None:
+        """Count this attempt against each key, in its own committed transaction, or refuse it (429)."""
+        now = utcnow()
+        async with self._sessions() as session:
+            waits = [
+                (key, await reserve_attempt(session, self._settings.throttle, key, limit, now))
+                for key, limit in keys
+            ]
+            await session.commit()
+        for key, wait_s in waits:
+            if wait_s is not None:
+                raise refusal(key, wait_s)
 
     async def _issue(
         self, session: AsyncSession, tenant: Tenant, user: User, amr: list[str], family: str
@@ -334,15 +387,12 @@ class Logins:
     async def _fail(
         self,
         session: AsyncSession,
-        keys: list[str],
         tenant: Tenant | None,
         user: User | None,
         factor: str,
-        now: datetime,
+        address: str | None,
     ) -> None:
-        policy = self._settings.throttle
-        await count_failure(session, policy, keys[0], policy.account_failures, now)
-        await count_failure(session, policy, keys[1], policy.address_failures, now)
+        """Record a failed attempt (already counted by `_admit`) in the audit log."""
         if tenant is not None:
             audit(
                 session,
@@ -351,7 +401,7 @@ class Logins:
                 "auth.login_failed",
                 user_id=user.id if user else None,
                 factor=factor,
-                address=keys[1].removeprefix("ip:"),
+                address=address or "unknown",
             )
         await session.commit()
 

@@ -42,10 +42,14 @@ class KeyCreate(_Strict):
     tenant: str | None = Field(default=None, description="Tenant id or name; default: the caller's tenant.")
     name: str = Field(min_length=1, max_length=64, examples=["ci"])
     scope: Literal["tenant", "admin"] = "tenant"
+    role: Literal["owner", "admin", "member", "viewer"] | None = Field(
+        default=None,
+        description="The role the key acts as (at most yours); default member. Not for admin keys.",
+    )
     capabilities: list[str] | None = Field(
         default=None,
         max_length=32,
-        description="What the key may do (a subset of yours); default: every tenant capability you hold.",
+        description="What the key may do: a subset of its role's and of yours; default: the role's.",
         examples=[["chat:use", "memory:read"]],
     )
 
@@ -57,6 +61,7 @@ class KeyOut(BaseModel):
     name: str
     prefix: str
     scope: str
+    role: str | None
     capabilities: list[str]
     created_at: datetime
     last_used_at: datetime | None
@@ -70,6 +75,7 @@ class KeyOut(BaseModel):
             name=key.name,
             prefix=key.prefix,
             scope=key.scope,
+            role=key.role,
             capabilities=sorted(key_capabilities(key.scope, key.capabilities)),
             created_at=key.created_at,
             last_used_at=key.last_used_at,

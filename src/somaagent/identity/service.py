@@ -16,7 +16,14 @@ from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
 from somaagent.events.outbox import add_event
 from somaagent.events.schemas import AUDIT_EVENTS, Event
-from somaagent.identity.capabilities import OPERATOR_CAPABILITIES, TENANT_CAPABILITIES, parse_capabilities
+from somaagent.identity.capabilities import (
+    DEFAULT_KEY_ROLE,
+    OPERATOR_CAPABILITIES,
+    ROLE_CAPABILITIES,
+    ROLES,
+    may_assign_role,
+    parse_capabilities,
+)
 from somaagent.identity.keys import generate_key, hash_key, visible_prefix
 from somaagent.identity.tables import ApiKey, RevocationEpoch, Tenant
 
@@ -41,34 +48,44 @@ def _require_admin(principal: Principal) -> None:
         raise Forbidden("this needs an admin key; create one with `soma keys create --tenant T --admin`")
 
 
-def _key_capabilities(principal: Principal | None, scope: str, requested: list[str] | None) -> frozenset[str]:
-    """What a new key may do: admin keys everything; tenant keys the tenant's capabilities, narrowed to
-    `requested` and to what the creator holds."""
+def _key_grant(
+    principal: Principal | None, scope: str, role: str | None, requested: list[str] | None
+) -> tuple[str | None, frozenset[str]]:
+    """A new key's role and capabilities: admin keys are the operator; tenant keys act as `role` (default
+    member) with its capabilities, narrowed to `requested`. A non-operator can give neither a role above
+    their own nor a capability they lack."""
     if scope == "admin":
-        if requested is not None:
-            raise InvalidRequest(
-                "admin keys hold every capability; omit `capabilities`", param="capabilities"
-            )
-        return OPERATOR_CAPABILITIES
+        if requested is not None or role is not None:
+            raise InvalidRequest("admin keys hold every capability; omit role and capabilities", param="role")
+        return None, OPERATOR_CAPABILITIES
+    role = role or DEFAULT_KEY_ROLE
+    if role not in ROLES:
+        raise InvalidRequest(f"role must be one of {', '.join(ROLES)}, not {role!r}", param="role")
+    if principal is not None and not principal.is_admin and not may_assign_role(principal.role, role):
+        raise Forbidden(
+            f"a {principal.role or 'key without a role'} cannot make a {role} key", code="role_escalation"
+        )
+    allowed = ROLE_CAPABILITIES[role]
     try:
-        wanted = TENANT_CAPABILITIES if requested is None else parse_capabilities(requested)
+        wanted = allowed if requested is None else parse_capabilities(requested)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="capabilities") from exc
-    outside = wanted - TENANT_CAPABILITIES
+    outside = wanted - allowed
     if outside:
         raise InvalidRequest(
-            f"{', '.join(sorted(outside))} cannot be given to a tenant key", param="capabilities"
+            f"{', '.join(sorted(outside))} is not part of the {role} role; give the key a higher role",
+            param="capabilities",
         )
     if principal is None:
-        return wanted
-    if requested is None:
-        return wanted & principal.capabilities
+        return role, wanted
     missing = wanted - principal.capabilities
+    if missing and requested is None:
+        return role, wanted & principal.capabilities
     if missing:
         raise Forbidden(
             f"you cannot grant {', '.join(sorted(missing))}: you do not hold it", code="capability_escalation"
         )
-    return wanted
+    return role, wanted
 
 
 def key_capabilities(key_scope: str, stored: str) -> frozenset[str]:
@@ -154,6 +171,7 @@ async def create_key(
     name: str,
     scope: str = "tenant",
     capabilities: list[str] | None = None,
+    role: str | None = None,
 ) -> CreatedKey:
     """Create an API key for a tenant. Only operators create admin keys or keys for other tenants, and
     nobody creates a key with a capability they do not hold themselves."""
@@ -164,7 +182,7 @@ async def create_key(
     tenant = await get_tenant(session, principal, tenant_ref)
     if principal is not None and scope == "admin":
         _require_admin(principal)
-    granted = _key_capabilities(principal, scope, capabilities)
+    key_role, granted = _key_grant(principal, scope, role, capabilities)
     plaintext = generate_key()
     key = ApiKey(
         id=new_id("key"),
@@ -174,6 +192,8 @@ async def create_key(
         key_hash=hash_key(secret, plaintext),
         scope=scope,
         capabilities=" ".join(sorted(granted)),
+        role=key_role,
+        created_by=_actor(principal),
         created_at=utcnow(),
     )
     session.add(key)
@@ -185,6 +205,7 @@ async def create_key(
         key_id=key.id,
         name=name,
         scope=scope,
+        role=key_role,
         capabilities=sorted(granted),
     )
     await session.flush()
@@ -223,6 +244,24 @@ async def revoke_key(session: AsyncSession, principal: Principal | None, key_ref
         _audit(session, _actor(principal), key.tenant_id, "api_key.revoked", key_id=key.id)
     await session.flush()
     return key
+
+
+async def revoke_keys_created_by(session: AsyncSession, subject: str, actor: str) -> int:
+    """Revoke the live keys `subject` created (a demoted or disabled user's keys must not outlive it)."""
+    keys = list(
+        (
+            await session.scalars(
+                select(ApiKey).where(ApiKey.created_by == subject, ApiKey.revoked_at.is_(None))
+            )
+        ).all()
+    )
+    now = utcnow()
+    for key in keys:
+        key.revoked_at = now
+        _audit(session, actor, key.tenant_id, "api_key.revoked", key_id=key.id, reason="creator_changed")
+    if keys:
+        await bump_revocation_epoch(session)
+    return len(keys)
 
 
 async def bump_revocation_epoch(session: AsyncSession) -> None:

@@ -34,8 +34,12 @@ class ApiKey(TenantMixin, Base):
     # HMAC-SHA256(secret_key, key) in hex: a database leak does not leak usable keys.
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     scope: Mapped[str] = mapped_column(String(16))  # "admin" | "tenant"
-    # Space-separated capabilities (identity/capabilities.py); a subset of what its creator held.
+    # Space-separated capabilities (identity/capabilities.py): a subset of the role's and of its creator's.
     capabilities: Mapped[str] = mapped_column(Text, default="")
+    # Tenant keys act with a role's rank (whom they may appoint); None for admin keys (the operator).
+    role: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # The Principal.subject that created it ("cli" for the CLI): its keys end when a user is demoted.
+    created_by: Mapped[str] = mapped_column(String(255), default="cli")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -25,8 +25,9 @@ class ThrottlePolicy:
 
 
 def account_key(tenant: str, username: str) -> str:
-    """The throttle key of one login name in one tenant."""
-    return f"account:{tenant}:{username.lower()}"[:255]
+    """The throttle key of one login name in one tenant, normalised as usernames are (so " Boss" and
+    "boss" share one count)."""
+    return f"account:{tenant}:{username.strip().lower()}"[:255]
 
 
 def address_key(address: str | None) -> str:
@@ -34,30 +35,30 @@ def address_key(address: str | None) -> str:
     return f"ip:{address or 'unknown'}"[:255]
 
 
-async def ensure_not_locked(session: AsyncSession, keys: list[str], now: datetime) -> None:
-    """Raise `RateLimited` (with Retry-After) if any of `keys` is locked."""
-    rows = (await session.scalars(select(LoginThrottle).where(LoginThrottle.key.in_(keys)))).all()
-    for row in rows:
-        if row.locked_until is not None and row.locked_until > now:
-            wait = (row.locked_until - now).total_seconds()
-            what = "account" if row.key.startswith("account:") else "address"
-            raise RateLimited(
-                f"too many failed logins for this {what}; try again in {int(wait) + 1} s"
-                + (" or ask a tenant admin to unlock it" if what == "account" else ""),
-                retry_after=wait,
-            )
+def refusal(key: str, wait_s: float) -> RateLimited:
+    """The error for an attempt refused because `key` is locked for `wait_s` more seconds."""
+    what = "account" if key.startswith("account:") else "address"
+    return RateLimited(
+        f"too many failed attempts for this {what}; try again in {int(wait_s) + 1} s"
+        + (" or ask a tenant admin to unlock it" if what == "account" else ""),
+        retry_after=wait_s,
+    )
 
 
-async def record_failure(
+async def reserve_attempt(
     session: AsyncSession, policy: ThrottlePolicy, key: str, limit: int, now: datetime
-) -> None:
-    """Count one failure against `key`, locking it when the window's count reaches `limit`. Race-safe: the
-    count is incremented in the database, not read and written back."""
+) -> float | None:
+    """Count one attempt against `key` BEFORE its secret is checked, and say how long to wait (None: go
+    ahead). Counting first means concurrent attempts cannot all slip past the limit; a success gives the
+    count back (`clear`, `release`). Race-safe: the count is incremented in the database."""
     window_start = now - timedelta(seconds=policy.window_s)
-    # A window that has passed starts over.
+    # A window that has passed, or a lockout that has ended, starts over.
     await session.execute(
         update(LoginThrottle)
-        .where(LoginThrottle.key == key, LoginThrottle.window_started_at < window_start)
+        .where(
+            LoginThrottle.key == key,
+            (LoginThrottle.window_started_at < window_start) | (LoginThrottle.locked_until <= now),
+        )
         .values(failures=0, window_started_at=now, locked_until=None)
     )
     bumped = await session.execute(
@@ -73,10 +74,30 @@ async def record_failure(
                 .where(LoginThrottle.key == key)
                 .values(failures=LoginThrottle.failures + 1)
             )
+    row = (
+        await session.execute(
+            select(LoginThrottle.failures, LoginThrottle.locked_until).where(LoginThrottle.key == key)
+        )
+    ).one()
+    failures, locked_until = row
+    if locked_until is not None and locked_until > now:
+        return (locked_until - now).total_seconds()
+    if failures > limit:
+        await session.execute(
+            update(LoginThrottle)
+            .where(LoginThrottle.key == key)
+            .values(locked_until=now + timedelta(seconds=policy.lockout_s))
+        )
+        return policy.lockout_s
+    return None
+
+
+async def release(session: AsyncSession, key: str) -> None:
+    """Give back one attempt that succeeded (an address's count is of failures, not of logins)."""
     await session.execute(
         update(LoginThrottle)
-        .where(LoginThrottle.key == key, LoginThrottle.failures >= limit)
-        .values(locked_until=now + timedelta(seconds=policy.lockout_s))
+        .where(LoginThrottle.key == key, LoginThrottle.failures > 0)
+        .values(failures=LoginThrottle.failures - 1)
     )
 
 

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from somaagent.core.clock import utcnow
-from somaagent.core.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthenticated
+from somaagent.core.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
 from somaagent.events.outbox import add_event
@@ -21,7 +21,7 @@ from somaagent.identity.capabilities import ROLES, may_assign_role
 from somaagent.identity.passwords import hash_secret, password_problem, verify_secret
 from somaagent.identity.service import get_tenant
 from somaagent.identity.tables import User
-from somaagent.identity.throttle import account_key
+from somaagent.identity.throttle import account_key, clear
 
 USERNAME = re.compile(r"^[a-z0-9][a-z0-9._@+-]{0,127}$")
 KINDS = ("human", "service")
@@ -155,6 +155,20 @@ async def get_user(
     return user
 
 
+def ensure_may_manage(principal: Principal | None, user: User) -> None:
+    """Refuse managing `user` (role, disable, MFA reset, unlock, revocation) to anyone who does not outrank
+    or equal them, and to the user themselves: an admin must not lift their own second factor."""
+    if principal is None or principal.is_admin:
+        return
+    if principal.user_id == user.id:
+        raise Forbidden("you cannot do this to your own account; ask another admin")
+    if not may_assign_role(principal.role, user.role):
+        raise Forbidden(
+            f"a {principal.role or 'credential without a role'} cannot manage a {user.role}",
+            code="role_escalation",
+        )
+
+
 async def update_user(
     session: AsyncSession,
     principal: Principal | None,
@@ -165,10 +179,7 @@ async def update_user(
 ) -> list[str]:
     """Change a user's role or disabled flag; returns what changed (the caller revokes tokens on a change)."""
     changed: list[str] = []
-    if principal is not None and principal.user_id == user.id:
-        raise Forbidden("you cannot change your own role or disable yourself; ask another admin")
-    if principal is not None and not principal.is_admin and not may_assign_role(principal.role, user.role):
-        raise Forbidden(f"a {principal.role} cannot change a {user.role}", code="role_escalation")
+    ensure_may_manage(principal, user)
     actor = _actor(principal)
     if role is not None and role != user.role:
         _check_role(principal, role)
@@ -192,7 +203,10 @@ async def change_password(session: AsyncSession, user: User, current: str, new: 
     if user.kind != "human":
         raise InvalidRequest("service accounts have client secrets, not passwords")
     if not await verify_secret(user.secret_hash, current):
-        raise Unauthenticated("the current password is not right", code="invalid_password")
+        # 400, not 401: the caller's token is fine, and a 401 would read as "log in again".
+        raise InvalidRequest(
+            "the current password is not right", param="current_password", code="invalid_password"
+        )
     problem = password_problem(new)
     if problem:
         raise InvalidRequest(problem, param="new_password", code="weak_password")
@@ -209,3 +223,11 @@ def login_throttle_key(user: User) -> str:
         if user.kind == "service"
         else account_key(user.tenant_id, user.username)
     )
+
+
+async def unlock_user(session: AsyncSession, principal: Principal | None, user: User) -> bool:
+    """Clear `user`'s failed-login lockout; whether there was anything to clear. Audited."""
+    ensure_may_manage(principal, user)
+    was_locked = await clear(session, login_throttle_key(user))
+    audit(session, _actor(principal), user.tenant_id, "user.unlocked", user_id=user.id, was_locked=was_locked)
+    return was_locked

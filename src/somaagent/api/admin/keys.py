@@ -25,6 +25,7 @@ async def create_key(
         body.name,
         body.scope,
         body.capabilities,
+        body.role,
     )
     await session.commit()
     return KeyCreated(**KeyOut.of(created.key).model_dump(), key=created.secret)

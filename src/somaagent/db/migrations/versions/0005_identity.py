@@ -19,10 +19,10 @@ branch_labels = None
 depends_on = None
 
 UTC = somaagent.db.base.UTCDateTime(timezone=True)
-# Tenant keys made before capabilities existed could do everything inside their tenant: keep it so.
-TENANT_KEY_CAPABILITIES = (
-    "agents:admin audit:read billing:read chat:use keys:admin memory:read memory:write models:admin "
-    "policy:admin tools:admin tools:approve tools:execute training:admin users:admin"
+# What tenant keys made before capabilities existed could do (no key, user, audit or training management:
+# those needed an admin key or did not exist), as admins of their tenant.
+OLD_TENANT_KEY_CAPABILITIES = (
+    "agents:admin billing:read chat:use memory:read memory:write models:admin tools:admin tools:execute"
 )
 
 
@@ -31,14 +31,18 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("require_mfa", sa.Boolean(), nullable=False, server_default=sa.false()))
     with op.batch_alter_table("api_keys", schema=None) as batch_op:
         batch_op.add_column(sa.Column("capabilities", sa.Text(), nullable=False, server_default=""))
+        batch_op.add_column(sa.Column("role", sa.String(length=16), nullable=True))
+        batch_op.add_column(
+            sa.Column("created_by", sa.String(length=255), nullable=False, server_default="cli")
+        )
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         # Federated subjects ("oidc:<trust id>:<IdP sub>") are longer than key ids.
         batch_op.alter_column(
             "actor", existing_type=sa.String(length=80), type_=sa.String(length=255), existing_nullable=True
         )
     op.execute(
-        sa.text("UPDATE api_keys SET capabilities = :caps WHERE scope = 'tenant'").bindparams(
-            caps=TENANT_KEY_CAPABILITIES
+        sa.text("UPDATE api_keys SET capabilities = :caps, role = 'admin' WHERE scope = 'tenant'").bindparams(
+            caps=OLD_TENANT_KEY_CAPABILITIES
         )
     )
 
@@ -229,6 +233,8 @@ def downgrade() -> None:
     ):
         op.drop_table(table)
     with op.batch_alter_table("api_keys", schema=None) as batch_op:
+        batch_op.drop_column("created_by")
+        batch_op.drop_column("role")
         batch_op.drop_column("capabilities")
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         batch_op.alter_column(
