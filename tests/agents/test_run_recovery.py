@@ -37,7 +37,7 @@ def client(server: SomaServer, key: str) -> httpx.Client:
 def tenant_key(admin: httpx.Client) -> str:
     name = f"r-{secrets.token_hex(3)}"
     assert admin.post("/v1/tenants", json={"name": name}).status_code == 201
-    created = admin.post("/v1/keys", json={"tenant": name, "name": "t"})
+    created = admin.post("/v1/keys", json={"tenant": name, "name": "t", "role": "owner"})
     assert created.status_code == 201, created.text
     return str(created.json()["key"])
 

@@ -112,7 +112,7 @@ def test_key_creation_and_revocation_appear_in_that_tenants_audit_only(
 
 def test_filters_by_type_actor_and_time(new_tenant: Callable[..., TenantCtx]) -> None:
     tenant = new_tenant()
-    second = tenant.http.post("/v1/keys", json={"name": "second"}).json()
+    second = tenant.http.post("/v1/keys", json={"name": "second", "role": "admin"}).json()
     make_key(tenant, "third")
     rows = wait_for(tenant.http, lambda rows: len(rows) >= 4)  # tenant.created + 3 api_key.created
     assert [r["type"] for r in rows] == ["tenant.created"] + ["api_key.created"] * 3

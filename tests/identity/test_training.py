@@ -41,7 +41,7 @@ def start(http: httpx.Client, **body: Any) -> httpx.Response:
 @pytest.fixture
 def second_key(server: SomaServer, tenant: TenantCtx) -> Iterator[tuple[str, httpx.Client]]:
     """Key B of the same tenant (key A is `tenant.http`)."""
-    created = tenant.http.post("/v1/keys", json={"name": "b"})
+    created = tenant.http.post("/v1/keys", json={"name": "b", "role": "owner"})
     assert created.status_code == 201, created.text
     key = created.json()
     with httpx.Client(

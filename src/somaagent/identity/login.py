@@ -321,8 +321,10 @@ class Logins:
                 session, self._mfa_box, self._recovery_key, user, code, utcnow().timestamp()
             )
         except Unauthenticated:
+            tenant_id, user_id = tenant.id, user.id  # the rollback expires the loaded rows
             await session.rollback()  # the code check may hold SQLite's write lock
-            await self._fail(session, tenant, user, "second_factor", address)
+            self._audit_failure(session, tenant_id, user_id, "second_factor", address)
+            await session.commit()
             raise
 
     async def _succeed(
@@ -394,16 +396,21 @@ class Logins:
     ) -> None:
         """Record a failed attempt (already counted by `_admit`) in the audit log."""
         if tenant is not None:
-            audit(
-                session,
-                f"user:{user.id}" if user else "anonymous",
-                tenant.id,
-                "auth.login_failed",
-                user_id=user.id if user else None,
-                factor=factor,
-                address=address or "unknown",
-            )
+            self._audit_failure(session, tenant.id, user.id if user else None, factor, address)
         await session.commit()
+
+    def _audit_failure(
+        self, session: AsyncSession, tenant_id: str, user_id: str | None, factor: str, address: str | None
+    ) -> None:
+        audit(
+            session,
+            f"user:{user_id}" if user_id else "anonymous",
+            tenant_id,
+            "auth.login_failed",
+            user_id=user_id,
+            factor=factor,
+            address=address or "unknown",
+        )
 
     async def _revoke_family(self, session: AsyncSession, family: str, now: datetime) -> None:
         await session.execute(
