@@ -43,9 +43,11 @@ TABLES = {
     "login_throttle",
     "training_locks",
     "audit_log",
+    "constitutions",
+    "policy_versions",
     "alembic_version",
 }
-HEAD = "0005"
+HEAD = "0006"
 
 
 @pytest.fixture
@@ -99,7 +101,17 @@ def test_migrations_match_the_table_models(database_url: str) -> None:
         await engine.dispose()
         return list(found)
 
-    for domain in ("agents", "audit", "analytics", "events", "identity", "memory", "models", "tools"):
+    for domain in (
+        "agents",
+        "audit",
+        "analytics",
+        "events",
+        "identity",
+        "memory",
+        "models",
+        "policy",
+        "tools",
+    ):
         importlib.import_module(f"somaagent.{domain}.tables")
 
     assert asyncio.run(diff()) == []
