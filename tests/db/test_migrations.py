@@ -43,11 +43,9 @@ TABLES = {
     "login_throttle",
     "training_locks",
     "audit_log",
-    "constitutions",
-    "policy_versions",
     "alembic_version",
 }
-HEAD = "0006"
+HEAD = "0005"
 
 
 @pytest.fixture
@@ -101,17 +99,7 @@ def test_migrations_match_the_table_models(database_url: str) -> None:
         await engine.dispose()
         return list(found)
 
-    for domain in (
-        "agents",
-        "audit",
-        "analytics",
-        "events",
-        "identity",
-        "memory",
-        "models",
-        "policy",
-        "tools",
-    ):
+    for domain in ("agents", "audit", "analytics", "events", "identity", "memory", "models", "tools"):
         importlib.import_module(f"somaagent.{domain}.tables")
 
     assert asyncio.run(diff()) == []
