@@ -26,6 +26,7 @@ from somaagent.identity import mfa
 from somaagent.identity.capabilities import ROLE_CAPABILITIES, Capability, capabilities_of_role
 from somaagent.identity.passwords import hash_secret, needs_rehash, verify_secret
 from somaagent.identity.secret_box import SecretBox
+from somaagent.identity.service import audit
 from somaagent.identity.tables import RefreshToken, Tenant, User
 from somaagent.identity.throttle import (
     ThrottlePolicy,
@@ -37,7 +38,7 @@ from somaagent.identity.throttle import (
     reserve_attempt,
 )
 from somaagent.identity.tokens import TokenService
-from somaagent.identity.users import audit, login_throttle_key
+from somaagent.identity.users import login_throttle_key
 
 T = TypeVar("T")
 

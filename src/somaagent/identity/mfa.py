@@ -21,11 +21,10 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from somaagent.core.errors import Conflict, Forbidden, InvalidRequest, NotFound, SomaError, Unauthenticated
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import add_event
-from somaagent.events.schemas import AUDIT_EVENTS, Event
 from somaagent.identity import totp
 from somaagent.identity.capabilities import Capability
 from somaagent.identity.secret_box import SecretBox
+from somaagent.identity.service import audit
 from somaagent.identity.tables import RecoveryCode, Tenant, User
 
 RECOVERY_CODE_COUNT = 10
@@ -83,16 +82,7 @@ def _at(now: float) -> datetime:
 
 
 def _audit(session: AsyncSession, actor: str, user: User, action: str, **data: object) -> None:
-    add_event(
-        session,
-        Event(
-            topic=AUDIT_EVENTS,
-            type=action,
-            tenant_id=user.tenant_id,
-            actor=actor,
-            data={"user_id": user.id, **data},
-        ),
-    )
+    audit(session, actor, user.tenant_id, action, user_id=user.id, **data)
 
 
 def _require_human(user: User) -> None:

@@ -39,7 +39,8 @@ class CreatedKey:
     secret: str
 
 
-def _audit(session: AsyncSession, actor: str, tenant_id: str, action: str, **data: object) -> None:
+def audit(session: AsyncSession, actor: str, tenant_id: str | None, action: str, **data: object) -> None:
+    """Stage an `audit.events` event in the session's transaction (every identity change writes one)."""
     add_event(session, Event(topic=AUDIT_EVENTS, type=action, tenant_id=tenant_id, actor=actor, data=data))
 
 
@@ -105,7 +106,7 @@ async def create_tenant(session: AsyncSession, principal: Principal | None, name
         raise Conflict(f"tenant {name!r} already exists", param="name")
     tenant = Tenant(id=new_id("ten"), name=name, created_at=utcnow(), disabled=False)
     session.add(tenant)
-    _audit(session, _actor(principal), tenant.id, "tenant.created", name=name)
+    audit(session, actor_of(principal), tenant.id, "tenant.created", name=name)
     try:
         await session.flush()
     except IntegrityError as exc:  # a concurrent create of the same name
@@ -150,7 +151,7 @@ async def update_tenant(
         changes["disabled"] = disabled
         await bump_revocation_epoch(session)  # key caches must notice a disabled tenant
     if changes:
-        _audit(session, _actor(principal), tenant.id, "tenant.updated", **changes)
+        audit(session, actor_of(principal), tenant.id, "tenant.updated", **changes)
         await session.flush()
     return tenant
 
@@ -193,13 +194,13 @@ async def create_key(
         scope=scope,
         capabilities=" ".join(sorted(granted)),
         role=key_role,
-        created_by=_actor(principal),
+        created_by=actor_of(principal),
         created_at=utcnow(),
     )
     session.add(key)
-    _audit(
+    audit(
         session,
-        _actor(principal),
+        actor_of(principal),
         tenant.id,
         "api_key.created",
         key_id=key.id,
@@ -241,7 +242,7 @@ async def revoke_key(session: AsyncSession, principal: Principal | None, key_ref
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         await bump_revocation_epoch(session)
-        _audit(session, _actor(principal), key.tenant_id, "api_key.revoked", key_id=key.id)
+        audit(session, actor_of(principal), key.tenant_id, "api_key.revoked", key_id=key.id)
     await session.flush()
     return key
 
@@ -258,7 +259,7 @@ async def revoke_keys_created_by(session: AsyncSession, subject: str, actor: str
     now = utcnow()
     for key in keys:
         key.revoked_at = now
-        _audit(session, actor, key.tenant_id, "api_key.revoked", key_id=key.id, reason="creator_changed")
+        audit(session, actor, key.tenant_id, "api_key.revoked", key_id=key.id, reason="creator_changed")
     if keys:
         await bump_revocation_epoch(session)
     return len(keys)
@@ -282,5 +283,6 @@ async def touch_keys(session: AsyncSession, last_used: dict[str, datetime]) -> N
         await session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=when))
 
 
-def _actor(principal: Principal | None) -> str:
+def actor_of(principal: Principal | None) -> str:
+    """Who an audit event names: the caller's subject, or "cli" for the local operator."""
     return principal.subject if principal is not None else "cli"

@@ -14,8 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from somaagent.core.clock import utcnow
 from somaagent.core.errors import Conflict, Locked, NotFound
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import BufferedEmitter, add_event
+from somaagent.events.outbox import BufferedEmitter
 from somaagent.events.schemas import AUDIT_EVENTS, Event
+from somaagent.identity.service import audit
 from somaagent.identity.tables import TrainingLock
 
 
@@ -31,13 +32,6 @@ class LockState:
 
 def _state(row: TrainingLock) -> LockState:
     return LockState(row.tenant_id, row.holder, row.reason, row.started_at)
-
-
-def _audit(session: AsyncSession, principal: Principal, tenant_id: str, action: str, **data: object) -> None:
-    add_event(
-        session,
-        Event(topic=AUDIT_EVENTS, type=action, tenant_id=tenant_id, actor=principal.subject, data=data),
-    )
 
 
 async def get_lock(session: AsyncSession, tenant_id: str) -> LockState | None:
@@ -61,7 +55,7 @@ async def start_training(
         )
     row = TrainingLock(tenant_id=tenant_id, holder=principal.subject, reason=reason, started_at=utcnow())
     session.add(row)
-    _audit(session, principal, tenant_id, "training.started", reason=reason)
+    audit(session, principal.subject, tenant_id, "training.started", reason=reason)
     try:
         await session.flush()
     except IntegrityError as exc:  # another replica took it between our read and insert
@@ -81,7 +75,7 @@ async def stop_training(session: AsyncSession, principal: Principal, tenant_id: 
         )
     state = _state(current)
     await session.execute(delete(TrainingLock).where(TrainingLock.tenant_id == tenant_id))
-    _audit(session, principal, tenant_id, "training.stopped", holder=state.holder)
+    audit(session, principal.subject, tenant_id, "training.stopped", holder=state.holder)
     return state
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import select
@@ -19,21 +18,12 @@ from somaagent.core.clock import utcnow
 from somaagent.core.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import add_event
-from somaagent.events.schemas import AUDIT_EVENTS, Event
 from somaagent.identity.capabilities import ROLES
-from somaagent.identity.service import get_tenant
+from somaagent.identity.service import actor_of, audit, get_tenant
 from somaagent.identity.tables import TrustedIssuer
 
 CLAIM_NAME = re.compile(r"^[A-Za-z0-9_.:/#@-]{1,64}$")
 MAX_ROLE_MAP = 100
-
-
-def _audit(
-    session: AsyncSession, principal: Principal | None, tenant_id: str, action: str, **data: Any
-) -> None:
-    actor = principal.subject if principal is not None else "cli"
-    add_event(session, Event(topic=AUDIT_EVENTS, type=action, tenant_id=tenant_id, actor=actor, data=data))
 
 
 def _require_operator(principal: Principal | None) -> None:
@@ -138,9 +128,9 @@ async def trust_issuer(
         created_at=utcnow(),
     )
     session.add(trust)
-    _audit(
+    audit(
         session,
-        principal,
+        actor_of(principal),
         tenant.id,
         "oidc.trusted",
         trust_id=trust.id,
@@ -187,9 +177,9 @@ async def untrust_issuer(
             param="issuer_id",
         )
     await session.delete(trust)
-    _audit(
+    audit(
         session,
-        principal,
+        actor_of(principal),
         tenant.id,
         "oidc.untrusted",
         trust_id=trust.id,

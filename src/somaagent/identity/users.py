@@ -15,11 +15,9 @@ from somaagent.core.clock import utcnow
 from somaagent.core.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import add_event
-from somaagent.events.schemas import AUDIT_EVENTS, Event
 from somaagent.identity.capabilities import ROLES, may_assign_role
 from somaagent.identity.passwords import hash_secret, password_problem, verify_secret
-from somaagent.identity.service import get_tenant
+from somaagent.identity.service import actor_of, audit, get_tenant
 from somaagent.identity.tables import User
 from somaagent.identity.throttle import account_key, clear
 
@@ -34,15 +32,6 @@ class CreatedUser:
 
     user: User
     client_secret: str | None
-
-
-def audit(session: AsyncSession, actor: str, tenant_id: str, action: str, **data: object) -> None:
-    """Stage an `audit.events` event in the session's transaction."""
-    add_event(session, Event(topic=AUDIT_EVENTS, type=action, tenant_id=tenant_id, actor=actor, data=data))
-
-
-def _actor(principal: Principal | None) -> str:
-    return principal.subject if principal is not None else "cli"
 
 
 def _check_role(principal: Principal | None, role: str) -> None:
@@ -105,7 +94,7 @@ async def create_user(
     session.add(user)
     audit(
         session,
-        _actor(principal),
+        actor_of(principal),
         tenant.id,
         "user.created",
         user_id=user.id,
@@ -180,7 +169,7 @@ async def update_user(
     """Change a user's role or disabled flag; returns what changed (the caller revokes tokens on a change)."""
     changed: list[str] = []
     ensure_may_manage(principal, user)
-    actor = _actor(principal)
+    actor = actor_of(principal)
     if role is not None and role != user.role:
         _check_role(principal, role)
         audit(session, actor, user.tenant_id, "user.role_changed", user_id=user.id, old=user.role, new=role)
@@ -229,5 +218,7 @@ async def unlock_user(session: AsyncSession, principal: Principal | None, user: 
     """Clear `user`'s failed-login lockout; whether there was anything to clear. Audited."""
     ensure_may_manage(principal, user)
     was_locked = await clear(session, login_throttle_key(user))
-    audit(session, _actor(principal), user.tenant_id, "user.unlocked", user_id=user.id, was_locked=was_locked)
+    audit(
+        session, actor_of(principal), user.tenant_id, "user.unlocked", user_id=user.id, was_locked=was_locked
+    )
     return was_locked
