@@ -163,6 +163,33 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="An unknown `kid` refetches the IdP's JWKS at most this often."
     )
 
+    # Governance: policy, rate limits, budgets, approvals.
+    counters: Literal["local", "redis"] = Field(
+        default="local",
+        description="Where rate limits and budgets are counted: `local` (in-process rate limits, budgets in "
+        "the database) or `redis` (one Lua script per check, shared by every replica).",
+    )
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="Redis for SOMA_COUNTERS=redis.", repr=False
+    )
+    policy_cache_ttl_s: float = Field(
+        default=1.0, gt=0, description="How long a replica trusts its compiled copy of a tenant's policy."
+    )
+    rate_limit_defaults: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description="Limits of scopes with none set, e.g. "
+        '{"key": {"rpm": 600, "tpm": 200000, "concurrent": 8}}.',
+    )
+    budget_reservation_ttl_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="A reservation not settled for this long (its process died) is charged in full, then "
+        "freed.",
+    )
+    approval_ttl_s: float = Field(
+        default=900.0, gt=0, description="How long a human approval may be pending."
+    )
+
     # HTTP edge.
     max_body_bytes: int = 4 * 1024 * 1024
     log_level: str = "INFO"

@@ -45,7 +45,7 @@ TABLES = {
     "audit_log",
     "alembic_version",
 }
-HEAD = "0005"
+HEAD = "0006"
 
 
 @pytest.fixture

@@ -49,6 +49,8 @@ class AgentSession(TenantMixin, Base):
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
     last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     active_run_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    # The tenant's constitution when the session last ran; a run under a newer one says so first.
+    constitution_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from somaagent.core.errors import (
+    BudgetExceeded,
     Conflict,
     Forbidden,
     InvalidRequest,
@@ -43,6 +44,9 @@ ERROR_TABLE: dict[type[SomaError], tuple[int, str]] = {
     Locked: (423, "invalid_request_error"),
     Conflict: (409, "invalid_request_error"),
     RateLimited: (429, "rate_limit_error"),
+    # 402, not 429: clients (the OpenAI SDKs among them) retry a 429 by themselves, and a spent monthly
+    # budget does not come back in a few seconds.
+    BudgetExceeded: (402, "insufficient_quota"),
     Overloaded: (503, "server_error"),
     UpstreamError: (502, "server_error"),
     SomaError: (500, "server_error"),
@@ -51,6 +55,7 @@ ERROR_TABLE: dict[type[SomaError], tuple[int, str]] = {
 _STATUS_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    402: "insufficient_quota",
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
@@ -83,11 +88,12 @@ def status_for(exc: SomaError) -> tuple[int, str]:
 
 
 def error_headers(exc: SomaError) -> dict[str, str]:
-    """Extra headers an error carries (Retry-After for 429/503)."""
+    """Extra headers an error carries (Retry-After for 402/429/503, `x-ratelimit-*` for 429)."""
+    headers: dict[str, str] = dict(getattr(exc, "headers", {}))
     retry_after = getattr(exc, "retry_after", None)
-    if retry_after is None:
-        return {}
-    return {"retry-after": str(max(1, math.ceil(retry_after)))}
+    if retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(retry_after)))
+    return headers
 
 
 def soma_error_response(exc: SomaError) -> Response:

@@ -6,6 +6,8 @@ OpenAI-style JSON bodies. Each message names the bad value and, where there is o
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SomaError(Exception):
     """Base of every error SomaAgent raises on purpose."""
@@ -16,8 +18,9 @@ class SomaError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
-        # Fields beside message/type/param/code in the error body (an MFA login's challenge token).
-        self.extra: dict[str, str] = {}
+        # Fields beside message/type/param/code in the error body (an MFA login's challenge token, a
+        # policy decision's reasons, the budget that is spent).
+        self.extra: dict[str, Any] = {}
         if code is not None:
             self.code = code
 
@@ -70,13 +73,39 @@ class Locked(Conflict):
     code = "locked"
 
 
+class PolicyDenied(Forbidden):
+    """The tenant's constitution or policy denies this; `extra` carries the decision (score, reasons)."""
+
+    code = "policy_denied"
+
+
 class RateLimited(SomaError):
-    """Too many requests; retry after `retry_after` seconds."""
+    """Too many requests; retry after `retry_after` seconds. `headers` are the `x-ratelimit-*` state."""
 
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: float = 1.0, param: str | None = None) -> None:
-        super().__init__(message, param=param)
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float = 1.0,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
+        self.headers = headers or {}
+
+
+class BudgetExceeded(SomaError):
+    """A spend limit would be passed; the message names the budget, `extra` carries it and when it resets
+    (`retry_after` seconds from now, or None for a lifetime budget)."""
+
+    code = "budget_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
         self.retry_after = retry_after
 
 

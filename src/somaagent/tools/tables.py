@@ -1,11 +1,12 @@
-"""Tool tables: per-tenant tool settings (enabled, configuration) and registered MCP servers."""
+"""Tool tables: per-tenant tool settings (enabled, configuration), registered MCP servers, and human
+approvals of tool calls."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from somaagent.db.base import Base, TenantMixin, UTCDateTime
@@ -45,3 +46,30 @@ class McpServer(TenantMixin, Base):
     tools: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     refreshed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class Approval(TenantMixin, Base):
+    """A tool call waiting for (or decided by) a human: the run that asked, the call, and the decision.
+
+    `two_key`: the policy must allow the call again when it is approved, and the approver must be
+    someone other than the caller."""
+
+    __tablename__ = "approvals"
+    __table_args__ = (Index("ix_approvals_tenant_status", "tenant_id", "status", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    session_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    run_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    call_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    tool: Mapped[str] = mapped_column(String(160))
+    arguments: Mapped[str] = mapped_column(Text)  # as the model sent them (JSON text)
+    reason: Mapped[str] = mapped_column(Text)
+    side_effect: Mapped[str] = mapped_column(String(16))
+    two_key: Mapped[bool] = mapped_column(Boolean)
+    status: Mapped[str] = mapped_column(String(16))  # pending | approved | rejected | expired
+    requested_by: Mapped[str] = mapped_column(String(255))
+    decided_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -18,6 +18,7 @@ import somaagent.events.tables
 import somaagent.identity.tables
 import somaagent.memory.tables
 import somaagent.models.tables
+import somaagent.policy.tables
 import somaagent.tools.tables  # noqa: F401  (registers the tables on Base.metadata)
 from somaagent.db.base import Base
 
