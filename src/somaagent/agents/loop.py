@@ -23,7 +23,14 @@ from somaagent.memory.service import MemoryService, Recalled
 from somaagent.models.assemble import collect_stream
 from somaagent.models.messages import ChatChunk, ChatRequest, Message, ToolCall, ToolChoice, ToolSpec, Usage
 from somaagent.models.router import ModelRouter
-from somaagent.tools.registry import ToolContext, ToolOutcome, ToolRegistry, ToolStatus, tool_call_event
+from somaagent.tools.registry import (
+    ToolCaller,
+    ToolContext,
+    ToolOutcome,
+    ToolRegistry,
+    ToolStatus,
+    tool_call_event,
+)
 
 # (principal, request id, model, usage or None, seconds, status): metering, injected by the app.
 Meter = Callable[[Principal, str, str, str, Usage | None, float, str], None]
@@ -71,6 +78,9 @@ class AgentDeps:
     tools: ToolRegistry
     meter: Meter
     embedding_model: str
+    # How a tool is called: the gates (policy, approval) around `tools.call`, composed by the app
+    # factory; None calls the registry directly.
+    call_tool: ToolCaller | None = None
 
 
 @dataclass
@@ -248,10 +258,20 @@ async def _run_one(state: RunState, call: ToolCall) -> None:
             "unknown_tool",
         )
     else:
+
+        async def record(type_: str, data: dict[str, Any]) -> None:
+            await state.recorder.record(type_, data)
+
         context = ToolContext(
-            state.principal, state.recorder.session_id, state.recorder.run_id, status.config
+            state.principal,
+            state.recorder.session_id,
+            state.recorder.run_id,
+            status.config,
+            call_id=call.id,
+            record=record,
         )
-        outcome = await state.deps.tools.call(status, context, call.arguments)
+        call_tool = state.deps.call_tool or state.deps.tools.call
+        outcome = await call_tool(status, context, call.arguments)
     result = Message("tool", outcome.content, tool_call_id=call.id, name=call.name)
     state.conversation.add(result)
     audit = tool_call_event(

@@ -29,11 +29,14 @@ from somaagent.agents.schemas import ForcedTool, MessageIn
 from somaagent.agents.sessions import as_message, get_session, history_rows
 from somaagent.agents.tables import AgentRun, AgentSession
 from somaagent.core.clock import utcnow
-from somaagent.core.errors import Conflict, InvalidRequest, NotFound, SomaError
+from somaagent.core.errors import Conflict, InvalidRequest, NotFound, PolicyDenied, SomaError
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
 from somaagent.events.schemas import CONVERSATION_EVENTS, Event
-from somaagent.models.messages import ToolChoice, Usage
+from somaagent.models.messages import Message, ToolChoice, Usage
+from somaagent.policy.decisions import PolicyService, denied
+from somaagent.policy.evaluator import Decision, EvalRequest
+from somaagent.tools.approvals import RUN_DEADLINE
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +68,13 @@ class RunEngine:
         streams: LiveStreams,
         deps: AgentDeps,
         settings: RunSettings,
+        policy: PolicyService,
         on_outbox: Any = None,
     ) -> None:
         self._sessions = sessions
         self.streams = streams
         self._deps = deps
+        self._policy = policy
         self._settings = settings
         self._on_outbox = on_outbox
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -109,15 +114,28 @@ class RunEngine:
         run_input = RunInput(
             body.content, tuple(body.attachments), choice, model, body.max_tokens, body.temperature, body.seed
         )
+        screened = await self._screen(principal, row, run_input, history, model, persona.name)
         run_id = new_id("run")
-        next_seq = await self._claim(principal, session_id, run_id, model)
+        next_seq = await self._claim(principal, session_id, run_id, model, screened.constitution_hash)
         recorder = RunRecorder(
             self._sessions, self.streams, principal.tenant_id, session_id, run_id, next_seq, self._on_outbox
         )
         user = run_input.user_message()
         conversation = Conversation(persona.system_prompt, history, [user])
         dropped = conversation.fit(self._settings.history_chars)
-        started: list[tuple[str, dict[str, Any]]] = [
+        started: list[tuple[str, dict[str, Any]]] = []
+        if row.constitution_hash is not None and row.constitution_hash != screened.constitution_hash:
+            started.append(
+                (
+                    "constitution.changed",
+                    {
+                        "previous_hash": row.constitution_hash,
+                        "constitution_hash": screened.constitution_hash,
+                        "reevaluated": screened.to_json(),
+                    },
+                )
+            )
+        started.append(
             (
                 "run.started",
                 {
@@ -128,7 +146,7 @@ class RunEngine:
                     "tools": sorted(tools),
                 },
             )
-        ]
+        )
         if dropped:
             started.append(
                 (
@@ -158,7 +176,37 @@ class RunEngine:
         self._tasks[run_id] = asyncio.create_task(self._execute(state), name=f"run-{run_id}")
         return StartedRun(run_id, next_seq - 1)
 
-    async def _claim(self, principal: Principal, session_id: str, run_id: str, model: str) -> int:
+    async def _screen(
+        self,
+        principal: Principal,
+        row: AgentSession,
+        run_input: RunInput,
+        history: list[Message],
+        model: str,
+        persona: str | None,
+    ) -> Decision:
+        """The `run.input` check of the user's message. A session last run under an older constitution
+        has its history decided again under the new one first (no strikes: the history was allowed once);
+        a history the new constitution denies ends the session's runs. Answers the decision to record."""
+        context = {"model": model, "persona": persona, "capabilities": sorted(principal.capabilities)}
+        resource = f"session:{row.id}"
+        current = await self._policy.compiled(principal.tenant_id)
+        reevaluated: Decision | None = None
+        if row.constitution_hash is not None and row.constitution_hash != current.constitution_hash:
+            text = "\n".join(m.content for m in history if m.content and m.role in ("user", "assistant"))
+            request = EvalRequest("run.input", principal.subject, resource, text, context)
+            reevaluated = await self._policy.evaluate(principal, request, count_strikes=False)
+            if not reevaluated.allowed:
+                raise denied(reevaluated, "this session's history under the tenant's new constitution")
+        content = run_input.user_message().content or ""
+        decision = await self._policy.require(
+            principal, EvalRequest("run.input", principal.subject, resource, content, context)
+        )
+        return reevaluated or decision
+
+    async def _claim(
+        self, principal: Principal, session_id: str, run_id: str, model: str, constitution_hash: str
+    ) -> int:
         for _ in range(2):
             async with self._sessions() as db, db.begin():
                 claimed = await db.execute(
@@ -168,7 +216,7 @@ class RunEngine:
                         AgentSession.tenant_id == principal.tenant_id,
                         AgentSession.active_run_id.is_(None),
                     )
-                    .values(active_run_id=run_id)
+                    .values(active_run_id=run_id, constitution_hash=constitution_hash)
                     .returning(AgentSession.last_seq)
                 )
                 last_seq = claimed.scalar()
@@ -212,7 +260,8 @@ class RunEngine:
         recorder = state.recorder
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(state.persona.limits.timeout_s):
+            async with asyncio.timeout(state.persona.limits.timeout_s) as deadline:
+                RUN_DEADLINE.set(deadline)  # a call waiting for a person pauses it (tools/approvals.py)
                 finish = await drive(state)
             await self._remember(state, finish.message.content or "")
             answer = finish.message.content or ""
@@ -257,6 +306,8 @@ class RunEngine:
             )
         except RunStopped as stop:
             await self._fail(state, stop.reason, stop.message, started)
+        except PolicyDenied as exc:  # the output broke a rule mid-stream: say which, then end the run
+            await self._fail(state, exc.code, exc.message, started, denial=exc.extra.get("decision"))
         except SomaError as exc:
             await self._fail(state, exc.code, exc.message, started)
         except Exception:
@@ -304,13 +355,24 @@ class RunEngine:
                 )
 
     async def _fail(
-        self, state: RunState, reason: str, message: str, started: float, status: str = "failed"
+        self,
+        state: RunState,
+        reason: str,
+        message: str,
+        started: float,
+        status: str = "failed",
+        denial: dict[str, Any] | None = None,
     ) -> None:
         seconds = time.perf_counter() - started
+        events: list[tuple[str, dict[str, Any]]] = []
+        if denial is not None:
+            events.append(("policy.denied", {"action": "model.output", **denial}))
+        events.append(
+            ("run.failed", {"reason": reason, "message": message, "usage": state.usage, "steps": state.steps})
+        )
         try:
-            await state.recorder.record(
-                "run.failed",
-                {"reason": reason, "message": message, "usage": state.usage, "steps": state.steps},
+            await state.recorder.record_many(
+                events,
                 Pending(
                     outbox=[_conversation_event(state, status, reason, seconds)],
                     run={

@@ -17,12 +17,19 @@ from somaagent import __version__
 from somaagent.agents.event_log import LiveStreams
 from somaagent.agents.loop import AgentDeps
 from somaagent.agents.runs import RunEngine, RunSettings
+from somaagent.agents.tool_gates import approver_consent, policy_gate, tool_call_policy
 from somaagent.analytics.usage import UsageConsumer
+from somaagent.api import approvals as approvals_api
 from somaagent.api import audit as audit_api
 from somaagent.api import auth, health, jwks, memory_documents, mfa, personas, tools, usage, users
+from somaagent.api import budgets as budgets_api
+from somaagent.api import constitution as constitution_api
 from somaagent.api import federation as federation_api
 from somaagent.api import mcp_servers as mcp_servers_api
 from somaagent.api import memory as memory_api
+from somaagent.api import policy as policy_api
+from somaagent.api import prices as prices_api
+from somaagent.api import rate_limits as rate_limits_api
 from somaagent.api import sessions as sessions_api
 from somaagent.api import training as training_api
 from somaagent.api.admin import keys, profiles, tenants
@@ -64,6 +71,11 @@ from somaagent.models.router import ModelRouter
 from somaagent.models.slots import ModelSlots
 from somaagent.observability.logs import configure_logging
 from somaagent.observability.metrics import Metrics
+from somaagent.policy.constitution import Constitutions
+from somaagent.policy.decisions import PolicyService, policy_screen
+from somaagent.policy.governor import ModelCallGovernor
+from somaagent.policy.strikes import Strikes
+from somaagent.tools.approvals import ApprovalGate
 from somaagent.tools.builtins import builtin_tools, signing_key_from_secret
 from somaagent.tools.manifest import trusted_keys_from
 from somaagent.tools.mcp_client import McpConnections
@@ -118,7 +130,12 @@ def build_catalog(
                 )
             else:
                 entries.append(
-                    CatalogEntry(spec=spec, chat=OpenAICompatibleChatModel(spec.id, client, upstream_model))
+                    CatalogEntry(
+                        spec=spec,
+                        chat=OpenAICompatibleChatModel(
+                            spec.id, client, upstream_model, settings.max_completion_tokens_default
+                        ),
+                    )
                 )
     return ModelCatalog(entries), clients, checks
 
@@ -198,7 +215,28 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     catalog, clients, checks = build_catalog(settings, metrics)
     secret = settings.resolved_secret_key()
     profile_cache = ProfileCache(sessions)
-    router = ModelRouter(catalog, profile_cache.models_for, metrics.observe_model)
+    constitutions = Constitutions(
+        sessions, constitution_api.platform_signer(secret), settings.policy_cache_ttl_s
+    )
+    policy = PolicyService(
+        sessions,
+        constitutions,
+        Strikes(sessions, settings.policy_cache_ttl_s),
+        emitter,
+        settings.policy_cache_ttl_s,
+    )
+    counters = budgets_api.build_counters(settings, sessions)  # rate limits and budgets: local or Redis
+    checks.extend(counters.readiness)
+    governor = ModelCallGovernor(
+        counters.rate_limits, counters.rate_limiter, counters.budgets, counters.prices, policy
+    )
+    router = ModelRouter(
+        catalog,
+        profile_cache.models_for,
+        metrics.observe_model,
+        guard=governor,
+        default_max_tokens=settings.max_completion_tokens_default,
+    )
 
     async def embed_for_memory(principal: Principal, texts: list[str]) -> Embeddings:
         return await router.embed(principal, settings.memory_embedding_model, texts)
@@ -211,6 +249,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
             duplicate_threshold=settings.memory_duplicate_threshold,
             ranking=Ranking(settings.memory_recency_weight, settings.memory_half_life_days),
         ),
+        screen=policy_screen(policy),
     )
     signing_key = signing_key_from_secret(secret)
     tool_registry = ToolRegistry(trusted_keys_from(signing_key.public_key()))
@@ -252,6 +291,16 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         settings, sessions, memory, embed_for_memory, meter_document_embedding
     )
 
+    approvals = ApprovalGate(
+        sessions,
+        policy.approval_settings,
+        settings.approval_ttl_s,
+        policy_check=approver_consent(policy),
+        registry=tool_registry,
+        on_outbox=relay.poke,
+    )
+    # Each tool call: the policy decides, then a person where the tenant wants one, then the tool.
+    call_tool = policy_gate(tool_call_policy(policy), approvals.wrap(tool_registry.call))
     streams = LiveStreams()
     agent_deps = AgentDeps(
         router=router,
@@ -259,6 +308,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         tools=tool_registry,
         meter=meter_model_call,
         embedding_model=settings.memory_embedding_model,
+        call_tool=call_tool,
     )
     agents = RunEngine(
         sessions,
@@ -270,6 +320,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
             heartbeat_s=settings.agent_heartbeat_s,
             stale_s=settings.agent_run_stale_s,
         ),
+        policy,
         on_outbox=relay.poke,
     )
     tokens = TokenService(
@@ -302,6 +353,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
                 lockout_s=settings.login_lockout_s,
             ),
         ),
+        constitution_hash=constitutions.current_hash,
     )
     federation = FederationVerifier(
         sessions, jwks_ttl_s=settings.oidc_jwks_ttl_s, min_refetch_s=settings.oidc_min_refetch_s
@@ -342,6 +394,14 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         agents=agents,
         mcp=mcp,
         training=TrainingLocks(sessions, emitter, settings.training_lock_ttl_s),
+        approvals=approvals,
+        call_tool=call_tool,
+        constitutions=constitutions,
+        policy=policy,
+        rate_limits=counters.rate_limits,
+        rate_limiter=counters.rate_limiter,
+        prices=counters.prices,
+        budgets=counters.budgets,
         http_clients=clients,
         readiness=checks,
         started_at=int(time.time()),
@@ -357,10 +417,12 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         emitter.start()
         agents.start()
         document_worker.start()
+        counters.budgets.start_sweeper()  # charges reservations of dead processes, every 30 s
         try:
             yield
         finally:
             await document_worker.close()
+            await counters.close()
             await agents.close()
             await mcp.connections.close()
             for close_index in index_closers:
@@ -385,9 +447,14 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     app.include_router(memory_documents.router)  # before memory_api, whose /{memory_id} would match it
     for module in (chat, embeddings, models, tenants, keys, profiles, usage, memory_api, personas, tools):
         app.include_router(module.router)
+    app.include_router(approvals_api.router)
     for module in (sessions_api, mcp_servers_api, audit_api, training_api, health):
         app.include_router(module.router)
     for module in (auth, mfa, users, federation_api, jwks):
+        app.include_router(module.router)
+    app.include_router(constitution_api.router)
+    app.include_router(policy_api.router)
+    for module in (budgets_api, rate_limits_api, prices_api):
         app.include_router(module.router)
     app.add_middleware(
         EdgeMiddleware,

@@ -14,7 +14,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from somaagent.api.errors import error_body, internal_error_body
 from somaagent.core.errors import PayloadTooLarge
 from somaagent.core.ids import new_request_id
-from somaagent.observability.context import reset_request_id, set_request_id
+from somaagent.observability.context import (
+    bind_response_headers,
+    reset_request_id,
+    set_request_id,
+    unbind_response_headers,
+)
 from somaagent.observability.metrics import Metrics
 
 access_log = logging.getLogger("somaagent.access")
@@ -40,6 +45,7 @@ class EdgeMiddleware:
         started = time.perf_counter()
         request_id, declared = _read_headers(scope)
         token = set_request_id(request_id)
+        extra_headers, headers_token = bind_response_headers()
         header_id = request_id.encode()
         status = 500
         try:
@@ -53,7 +59,8 @@ class EdgeMiddleware:
                 if message["type"] == "http.response.start":
                     status = message["status"]
                     message.setdefault("headers", [])
-                    message["headers"] = [*message["headers"], (b"x-request-id", header_id)]
+                    added = [(k.encode(), v.encode()) for k, v in extra_headers.items()]
+                    message["headers"] = [*message["headers"], (b"x-request-id", header_id), *added]
                 await send(message)
 
             started_response = False
@@ -89,6 +96,7 @@ class EdgeMiddleware:
                     status,
                     extra={"route": template, "status": status, "ms": round(elapsed * 1000, 2)},
                 )
+            unbind_response_headers(headers_token)
             reset_request_id(token)
 
     def _children(self, route: str, method: str, status: int) -> tuple[Any, Any]:

@@ -26,8 +26,15 @@ from somaagent.models.profiles import ProfileCache
 from somaagent.models.providers.upstream_http import UpstreamClient
 from somaagent.models.router import ModelRouter
 from somaagent.observability.metrics import Metrics
+from somaagent.policy.budgets import Budgets
+from somaagent.policy.constitution import Constitutions
+from somaagent.policy.decisions import PolicyService
+from somaagent.policy.limits import RateLimits
+from somaagent.policy.prices import PriceBook
+from somaagent.policy.ratelimit import RateLimiter
+from somaagent.tools.approvals import ApprovalGate
 from somaagent.tools.mcp_servers import McpAccess
-from somaagent.tools.registry import ToolRegistry
+from somaagent.tools.registry import ToolCaller, ToolRegistry
 
 
 @dataclass
@@ -58,6 +65,14 @@ class Services:
     agents: RunEngine
     mcp: McpAccess
     training: TrainingLocks
+    constitutions: Constitutions  # each tenant's signed constitution, verified and cached
+    policy: PolicyService  # every decision: input, tool calls, memory writes, streamed output
+    rate_limits: RateLimits  # rpm/tpm/concurrency settings and their resolution for a caller
+    rate_limiter: RateLimiter  # counts them (in-process or Redis)
+    prices: PriceBook
+    budgets: Budgets  # budget settings, reservations and the sweeper
+    call_tool: ToolCaller  # a tool call through its gates (policy, approval), as agents make them
+    approvals: ApprovalGate  # holds risky tool calls for a person; decides them
     http_clients: list[UpstreamClient] = field(default_factory=list)
     readiness: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
     started_at: int = 0

@@ -115,7 +115,8 @@ async def invoke_tool(
     if status is None:
         raise NotFound(f"no enabled tool {name!r}; GET /v1/tools lists them", param="name")
     arguments = orjson.dumps(body.arguments).decode()
-    outcome = await services.tools.call(status, ToolContext(principal, config=status.config), arguments)
+    # Through the same gates as an agent's calls: the policy, then approval (refused here: no run waits).
+    outcome = await services.call_tool(status, ToolContext(principal, config=status.config), arguments)
     add_event(
         session, tool_call_event(principal, outcome, arguments, session_id=None, run_id=None, call_id=None)
     )

@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-from somaagent.cli import admin, chat_cmd, federation_cmd, memory_cmd, serve_cmd, signing_cmd, users_cmd
+from somaagent.cli import (
+    admin,
+    chat_cmd,
+    constitution_cmd,
+    federation_cmd,
+    memory_cmd,
+    serve_cmd,
+    signing_cmd,
+    users_cmd,
+)
 
 app = typer.Typer(
     name="soma",
@@ -26,6 +35,7 @@ app.add_typer(admin.keys, name="keys")
 app.add_typer(admin.models, name="models")
 app.add_typer(memory_cmd.memory, name="memory")
 app.add_typer(users_cmd.users, name="users")
+app.add_typer(constitution_cmd.constitution, name="constitution")
 
 
 @app.callback()

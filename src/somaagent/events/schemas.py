@@ -14,6 +14,8 @@ MODEL_USAGE = "model.usage"
 AUDIT_EVENTS = "audit.events"
 CONVERSATION_EVENTS = "conversation.events"
 TOOL_CALLS = "tool.calls"
+CONSTITUTION_UPDATED = "constitution.updated"
+POLICY_DECISIONS = "policy.decisions"
 
 SCHEMA_VERSION = 1
 

@@ -98,6 +98,7 @@ class Logins:
         recovery_key: bytes,
         refresh_key: bytes,
         settings: LoginSettings,
+        constitution_hash: Callable[[str], Awaitable[str]] | None = None,
     ) -> None:
         self._sessions = sessions
         self._tokens = tokens
@@ -105,6 +106,9 @@ class Logins:
         self._recovery_key = recovery_key
         self._refresh_key = refresh_key
         self._settings = settings
+        # The hash of a tenant's constitution in force, stamped into its access tokens (injected by the app
+        # factory: identity does not import policy).
+        self._constitution_hash = constitution_hash
 
     async def password_grant(
         self, tenant_ref: str, username: str, password: str, otp: str | None, address: str | None
@@ -193,6 +197,7 @@ class Logins:
                 capabilities=capabilities,
                 family_id=None,
                 amr=[],
+                extra_claims=await self._token_claims(tenant.id),
             )
             audit(
                 session,
@@ -370,6 +375,7 @@ class Logins:
             capabilities=capabilities,
             family_id=family,
             amr=amr,
+            extra_claims=await self._token_claims(tenant.id),
         )
         refresh = REFRESH_PREFIX + secrets.token_urlsafe(32)
         now = utcnow()
@@ -386,6 +392,11 @@ class Logins:
             )
         )
         return TokenGrant(issued.token, issued.expires_in, refresh, " ".join(sorted(capabilities)))
+
+    async def _token_claims(self, tenant_id: str) -> dict[str, object] | None:
+        if self._constitution_hash is None:
+            return None
+        return {"constitution_hash": await self._constitution_hash(tenant_id)}
 
     async def _fail(
         self,

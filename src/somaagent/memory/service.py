@@ -31,6 +31,8 @@ NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:_.@-]{0,127}$")
 DEFAULT_NAMESPACE = "default"
 # (principal, texts) → embeddings; the API passes the model router so usage is the caller's.
 Embed = Callable[[Principal, list[str]], Awaitable[Embeddings]]
+# The policy's check before a memory write: (principal, text, namespace); raises to refuse the write.
+Screen = Callable[[Principal, str, str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +76,13 @@ def check_namespace(namespace: str) -> str:
 class MemoryService:
     """The memory operations; stateless apart from the process-local index cache."""
 
-    def __init__(self, embed: Embed, indexes: SyncedIndexes, settings: MemorySettings) -> None:
+    def __init__(
+        self, embed: Embed, indexes: SyncedIndexes, settings: MemorySettings, screen: Screen | None = None
+    ) -> None:
         self._embed = embed
         self._indexes = indexes
         self._settings = settings
+        self._screen = screen
 
     async def remember(
         self,
@@ -90,6 +95,8 @@ class MemoryService:
     ) -> Remembered:
         """Store `text`, or merge it into a near-duplicate (cosine ≥ the threshold) of the same namespace."""
         check_namespace(namespace)
+        if self._screen is not None:
+            await self._screen(principal, text, namespace)
         embedded = await self._embed(principal, [text])
         vector = np.asarray(embedded.vectors[0], dtype=np.float32)
         now = utcnow()

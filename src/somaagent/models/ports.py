@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Protocol
 
+from somaagent.core.principal import Principal
 from somaagent.models.messages import ChatChunk, ChatRequest, ChatResult, Embeddings
 
 
@@ -36,3 +37,28 @@ class Embedder(Protocol):
     async def ready(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class CallTicket(Protocol):
+    """One admitted model call (rate limits taken, budgets reserved): it checks the output as it comes
+    and settles to the tokens really used. `settle` is called exactly once, on every path."""
+
+    async def output(self, text: str) -> str:
+        """The part of the output so far that may be shown (the rest is held until checked)."""
+        ...
+
+    async def finish_output(self) -> str:
+        """The held tail, once the model has finished."""
+        ...
+
+    async def settle(self, model: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+
+
+class CallGuard(Protocol):
+    """Admits model calls: limits, budgets and output checks wrap every call the router makes."""
+
+    async def admit(
+        self, principal: Principal, kind: str, models: list[str], prompt_tokens: int, max_output_tokens: int
+    ) -> CallTicket:
+        """Take the caller's rate limits and reserve the worst case on its budgets, or raise."""
+        ...

@@ -1,6 +1,6 @@
 """The tool registry: which tools exist, which a tenant has enabled, and the one way to call them.
 
-Owns: `ToolRegistry`, `Tool`, `ToolContext`, `ToolOutcome`, per-tenant enable/disable.
+Owns: `ToolRegistry`, `Tool`, `ToolContext`, `ToolOutcome`, `ToolCaller`, per-tenant enable/disable.
 May import: core, db, tools. Never: api, agents — callers pass the principal and a context.
 
 Every tool is a signed manifest plus an implementation. A manifest is verified when the tool is
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 MAX_RESULT_CHARS = 8_000
 
 
+# Writes one durable event into the calling run's log (type, data): how a gate shows what it does.
+RecordEvent = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
 @dataclass(frozen=True, slots=True)
 class ToolContext:
     """Who calls, from where, and the tenant's configuration of this tool."""
@@ -46,6 +50,8 @@ class ToolContext:
     session_id: str | None = None
     run_id: str | None = None
     config: Mapping[str, Any] = field(default_factory=dict)
+    call_id: str | None = None  # the model's id for this call, when a run makes it
+    record: RecordEvent | None = None  # None outside a run (a direct invocation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +98,10 @@ class ToolStatus:
     enabled: bool
     config: dict[str, Any]
 
+
+# One way to call a tool: `ToolRegistry.call`, or a gate wrapping it (policy, approval) with the same
+# shape, so gates compose as `gate(next)` and the loop does not know which are in place.
+ToolCaller = Callable[[ToolStatus, ToolContext, str], Awaitable[ToolOutcome]]
 
 # Extra tools that depend on the tenant (MCP servers): (session, principal) → tools.
 DynamicTools = Callable[[AsyncSession, Principal], Awaitable[list[Tool]]]

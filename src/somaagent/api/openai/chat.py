@@ -20,10 +20,11 @@ from somaagent.api.openai.docs import ChatCompletionOut, error_responses
 from somaagent.api.openai.render import ChunkRenderer, completion_id, completion_json
 from somaagent.api.openai.schemas import ChatCompletionRequest
 from somaagent.api.services import Services
-from somaagent.core.errors import NotFound, SomaError
+from somaagent.core.errors import NotFound, PolicyDenied, SomaError
 from somaagent.core.principal import Principal
-from somaagent.models.messages import ChatChunk, Usage
+from somaagent.models.messages import ChatChunk, ChatRequest, Usage
 from somaagent.observability.context import current_request_id
+from somaagent.policy.evaluator import EvalRequest
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
@@ -37,7 +38,7 @@ class ClientGone(Exception):
 @router.post(
     "/chat/completions",
     response_model=ChatCompletionOut,
-    responses=error_responses(400, 401, 404, 413, 423, 502, 503),
+    responses=error_responses(400, 401, 402, 403, 404, 413, 423, 429, 502, 503),
     summary="Create a chat completion (OpenAI-compatible; `stream: true` for SSE)",
 )
 async def create_chat_completion(
@@ -46,6 +47,7 @@ async def create_chat_completion(
     chat = body.to_chat_request()
     if is_agent_model(chat.model):
         return await agent_completion(body, chat, request, principal, services)
+    await services.policy.require(principal, chat_input(principal, chat))
     request_id = current_request_id() or completion_id()
     started = time.perf_counter()
     if not body.stream:
@@ -123,8 +125,12 @@ async def _sse(
         yield renderer.done()
     except SomaError as exc:
         record(exc.code)
+        if isinstance(exc, PolicyDenied):  # the output broke a rule: what was shown had passed the check
+            yield renderer.chunk(ChatChunk(model, finish_reason="content_filter"))
         _, type_ = status_for(exc)
-        yield renderer.error(error_body(exc.message, type_, exc.code, exc.param))
+        body = error_body(exc.message, type_, exc.code, exc.param)
+        body["error"].update(exc.extra)
+        yield renderer.error(body)
         yield renderer.done()
     except Exception as exc:
         record("internal_error")
@@ -137,6 +143,18 @@ async def _sse(
     finally:
         await chunks.aclose()  # stops generation if the client went away
         record("cancelled")  # the client left before the end
+
+
+def chat_input(principal: Principal, chat: ChatRequest) -> EvalRequest:
+    """The `chat.input` check of a completion: every message's text, as one content."""
+    content = "\n".join(m.content for m in chat.messages if m.content)
+    return EvalRequest(
+        "chat.input",
+        principal.subject,
+        f"model:{chat.model}",
+        content,
+        {"model": chat.model, "capabilities": sorted(principal.capabilities)},
+    )
 
 
 def _record(

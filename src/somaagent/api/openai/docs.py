@@ -25,6 +25,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     described = {
         400: "Invalid request (the message names the parameter)",
         401: "Missing, invalid, expired or revoked credentials",
+        402: "A budget would be exceeded (the body names it and when it resets)",
         403: "The credential lacks the capability this needs",
         404: "Not found (for models: the message lists the available ids)",
         409: "Conflicts with existing state",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -122,11 +123,25 @@ def request_body(request: ChatRequest, upstream_model: str, stream: bool) -> dic
 class OpenAICompatibleChatModel:
     """A `ChatModel` that forwards to an OpenAI-compatible `/chat/completions`."""
 
-    def __init__(self, model_id: str, client: UpstreamClient, upstream_model: str) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        client: UpstreamClient,
+        upstream_model: str,
+        default_max_tokens: int | None = None,
+    ) -> None:
         self.id = model_id
         self.context_window: int | None = None
         self._client = client
         self._upstream_model = upstream_model
+        # Sent when the caller names no max_tokens: budgets reserve a completion of at most this, so an
+        # upstream must not be left to generate until its own context runs out.
+        self._default_max_tokens = default_max_tokens
+
+    def _capped(self, request: ChatRequest) -> ChatRequest:
+        if request.max_tokens is None and self._default_max_tokens is not None:
+            return replace(request, max_tokens=self._default_max_tokens)
+        return request
 
     async def ready(self) -> None:
         """Reachable if `/models` answers."""
@@ -139,7 +154,7 @@ class OpenAICompatibleChatModel:
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         """One upstream round trip."""
-        body = orjson.dumps(request_body(request, self._upstream_model, stream=False))
+        body = orjson.dumps(request_body(self._capped(request), self._upstream_model, stream=False))
         ours = {wire: name for name, wire in wire_names(request).items()}
         status, content = await self._client.post_json("chat/completions", body)
         _raise_for_status(self.id, status, content)
@@ -170,7 +185,7 @@ class OpenAICompatibleChatModel:
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         """Relay the upstream's SSE stream as chunks; the final chunk carries finish reason and usage."""
-        body = orjson.dumps(request_body(request, self._upstream_model, stream=True))
+        body = orjson.dumps(request_body(self._capped(request), self._upstream_model, stream=True))
         ours = {wire: name for name, wire in wire_names(request).items()}
         finish: FinishReason | None = None
         usage: Usage | None = None

@@ -1,0 +1,322 @@
+"""`PolicyService`: the one evaluator every enforcement point calls, with fail-closed, events and strikes.
+
+Owns: compiling each tenant's constitution + policy (cached), deciding, emitting `policy.decisions`,
+counting moderation strikes, and the output guard that checks model text while it streams.
+May import: core, db, events, policy. Never: api, agents, models.
+
+Every decision emits one `policy.decisions` event naming exactly what was scanned: the action, the
+subject, the resource, how many characters, and the SHA-256 of the text (the text itself stays where
+it was written: events are fanned out widely and the text may be the very PII a rule found).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from somaagent.core.clock import utcnow
+from somaagent.core.errors import PolicyDenied
+from somaagent.core.principal import Principal
+from somaagent.events.outbox import BufferedEmitter
+from somaagent.events.schemas import POLICY_DECISIONS, Event
+from somaagent.policy.constitution import Constitutions
+from somaagent.policy.document import ApprovalSettings, PolicyDocument
+from somaagent.policy.evaluator import CompiledPolicy, Decision, EvalRequest, Reason
+from somaagent.policy.policies import get_policy
+from somaagent.policy.stream_guard import StreamGuard
+from somaagent.policy.strikes import Strikes
+
+log = logging.getLogger(__name__)
+
+# The policy of a tenant whose policy cannot be loaded at all: its fail mode is unknown, so deny.
+_UNKNOWN = "unknown"
+
+
+@dataclass
+class _Cached:
+    checked_at: float
+    policy: CompiledPolicy
+
+
+class PolicyService:
+    """Decides for every enforcement point: input, tool calls, memory writes and streamed output."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        constitutions: Constitutions,
+        strikes: Strikes,
+        emitter: BufferedEmitter,
+        ttl_s: float,
+    ) -> None:
+        self._sessions = sessions
+        self._constitutions = constitutions
+        self.strikes = strikes
+        self._emitter = emitter
+        self._ttl_s = ttl_s
+        self._cache: dict[str, _Cached] = {}
+
+    # --- the compiled policy --------------------------------------------------------------------
+
+    async def compiled(self, tenant_id: str) -> CompiledPolicy:
+        """The tenant's constitution and policy, compiled; re-read at most every `ttl_s`."""
+        cached = self._cache.get(tenant_id)
+        now = time.monotonic()
+        if cached is not None and now - cached.checked_at < self._ttl_s:
+            return cached.policy
+        constitution = await self._constitutions.active(tenant_id)
+        async with self._sessions() as session:
+            stored = await get_policy(session, tenant_id)
+        policy = cached.policy if cached is not None else None
+        if (
+            policy is None
+            or policy.policy_version != stored.version
+            or policy.constitution_hash != constitution.sha256
+        ):
+            policy = CompiledPolicy.compile(
+                constitution.rules, stored.document, constitution.sha256, stored.version
+            )
+        self._cache[tenant_id] = _Cached(now, policy)
+        return policy
+
+    def forget(self, tenant_id: str) -> None:
+        """Drop this process's copy after a change, so the next decision reads the new version."""
+        self._cache.pop(tenant_id, None)
+
+    async def document(self, tenant_id: str) -> PolicyDocument:
+        """The tenant's policy document in force."""
+        return (await self.compiled(tenant_id)).document
+
+    async def approval_settings(self, tenant_id: str) -> ApprovalSettings:
+        """Which tool calls of the tenant need a human."""
+        return (await self.document(tenant_id)).approvals
+
+    # --- deciding -------------------------------------------------------------------------------
+
+    async def evaluate(
+        self, principal: Principal, request: EvalRequest, *, count_strikes: bool = True
+    ) -> Decision:
+        """Decide `request` for the principal's tenant; never raises for a policy that cannot be evaluated
+        (the tenant's fail mode decides, closed by default)."""
+        tenant_id = principal.tenant_id
+        locked = await self.strikes.locked_until(tenant_id, request.subject)
+        policy: CompiledPolicy | None = None
+        if locked is not None:
+            decision = await self._locked_decision(tenant_id, request.subject, locked)
+        else:
+            try:
+                policy = await self.compiled(tenant_id)
+                decision = policy.evaluate(request)
+            except Exception:
+                log.exception("policy evaluation failed for tenant %s (action %s)", tenant_id, request.action)
+                decision = self._failed_decision(tenant_id)
+        scanned = request.content or ""
+        self._emit(
+            principal, request.action, request.subject, request.resource, scanned, len(scanned), decision
+        )
+        if not decision.allowed and count_strikes and locked is None and policy is not None:
+            await self._strike(tenant_id, request.subject, policy.document)
+        return decision
+
+    async def require(self, principal: Principal, request: EvalRequest) -> Decision:
+        """`evaluate`, raising `PolicyDenied` (with the decision in the error body) when it denies."""
+        decision = await self.evaluate(principal, request)
+        if not decision.allowed:
+            raise denied(decision, request.action)
+        return decision
+
+    async def output_guard(self, principal: Principal, context: Mapping[str, Any]) -> OutputGuard:
+        """A guard for one stream of model output (action `model.output`)."""
+        tenant_id = principal.tenant_id
+        try:
+            policy = await self.compiled(tenant_id)
+        except Exception:
+            log.exception("policy could not be loaded for tenant %s's output", tenant_id)
+            decision = self._failed_decision(tenant_id)
+            if not decision.allowed:
+                self._emit(principal, "model.output", principal.subject, None, "", 0, decision)
+                raise denied(decision, "model.output") from None
+            return OutputGuard(self, principal, None, context)
+        return OutputGuard(self, principal, policy, context)
+
+    # --- internals ------------------------------------------------------------------------------
+
+    async def _locked_decision(self, tenant_id: str, subject: str, until: datetime) -> Decision:
+        seconds = max(1, int((until - utcnow()).total_seconds()))
+        cached = self._cache.get(tenant_id)
+        return Decision(
+            allowed=False,
+            score=1.0,
+            severity="high",
+            reasons=(
+                Reason(
+                    "moderation_locked",
+                    "moderation",
+                    f"{subject} is locked out after repeated policy denials until {until.isoformat()} "
+                    f"(in {seconds} s); an admin can lift it with DELETE /v1/policy/strikes/{{subject}}",
+                ),
+            ),
+            constitution_hash=cached.policy.constitution_hash if cached else _UNKNOWN,
+            policy_version=cached.policy.policy_version if cached else -1,
+        )
+
+    def _failed_decision(self, tenant_id: str) -> Decision:
+        cached = self._cache.get(tenant_id)
+        # The last fail mode this process knew for the tenant; none known: closed.
+        fail_closed = cached.policy.document.fail_closed if cached is not None else True
+        mode = "closed (denied)" if fail_closed else "open (allowed)"
+        return Decision(
+            allowed=not fail_closed,
+            score=1.0 if fail_closed else 0.0,
+            severity="high" if fail_closed else "none",
+            reasons=(
+                Reason(
+                    "evaluation_error",
+                    "policy",
+                    f"the policy could not be evaluated; the tenant's policy fails {mode}",
+                ),
+            ),
+            constitution_hash=cached.policy.constitution_hash if cached else _UNKNOWN,
+            policy_version=cached.policy.policy_version if cached else -1,
+        )
+
+    async def _strike(self, tenant_id: str, subject: str, document: PolicyDocument) -> None:
+        if not document.moderation.enabled:
+            return
+        try:
+            await self.strikes.count_denial(tenant_id, subject, document.moderation)
+        except Exception:  # the denial stands even if it could not be counted
+            log.exception("could not count a strike for %s", subject)
+
+    def _emit(
+        self,
+        principal: Principal,
+        action: str,
+        subject: str,
+        resource: str | None,
+        scanned: str,
+        scanned_chars: int,
+        decision: Decision,
+    ) -> None:
+        self._emitter.emit(
+            Event(
+                topic=POLICY_DECISIONS,
+                type="policy.decision",
+                tenant_id=principal.tenant_id,
+                actor=principal.subject,
+                data={
+                    "action": action,
+                    "subject": subject,
+                    "resource": resource,
+                    "scanned": {
+                        "chars": scanned_chars,
+                        "sha256": hashlib.sha256(scanned.encode()).hexdigest(),
+                    },
+                    **decision.to_json(),
+                },
+            )
+        )
+
+
+class OutputGuard:
+    """Checks one stream of model output: `feed` returns the text that may be shown now, `finish` the
+    held tail. A denial raises `PolicyDenied`, emits the decision and counts a strike; nothing of the
+    denied window was released."""
+
+    def __init__(
+        self,
+        service: PolicyService,
+        principal: Principal,
+        policy: CompiledPolicy | None,
+        context: Mapping[str, Any],
+    ) -> None:
+        self._service = service
+        self._principal = principal
+        self._policy = policy
+        self._guard = StreamGuard(policy, principal.subject, context) if policy is not None else None
+        self._text: list[str] = []
+        self._done = False
+
+    async def feed(self, text: str) -> str:
+        """The part of the output so far that is checked and may be shown."""
+        if self._guard is None:
+            return text
+        self._text.append(text)
+        step = self._guard.feed(text)
+        if step.denied is not None:
+            await self._deny(step.denied)
+        return step.release
+
+    async def finish(self) -> str:
+        """The held tail once the stream has ended (checked), and the decision event."""
+        if self._guard is None or self._done:
+            return ""
+        self._done = True
+        step = self._guard.finish()
+        if step.denied is not None:
+            await self._deny(step.denied)
+        self._emit(step_decision_allowed(self._policy))
+        return step.release
+
+    async def _deny(self, decision: Decision) -> None:
+        self._done = True
+        self._emit(decision)
+        assert self._policy is not None
+        await self._service._strike(self._principal.tenant_id, self._principal.subject, self._policy.document)
+        raise denied(decision, "model.output")
+
+    def _emit(self, decision: Decision) -> None:
+        assert self._guard is not None
+        scanned = "".join(self._text)[: self._guard.scanned_chars]
+        self._service._emit(
+            self._principal,
+            "model.output",
+            self._principal.subject,
+            None,
+            scanned,
+            self._guard.scanned_chars,
+            decision,
+        )
+
+
+def step_decision_allowed(policy: CompiledPolicy | None) -> Decision:
+    """The decision of an output stream that passed every check."""
+    return Decision(
+        allowed=True,
+        score=0.0,
+        severity="none",
+        reasons=(),
+        constitution_hash=policy.constitution_hash if policy else _UNKNOWN,
+        policy_version=policy.policy_version if policy else -1,
+    )
+
+
+def denied(decision: Decision, action: str) -> PolicyDenied:
+    """The error for a denial: the message gives the first reasons, the body carries the decision."""
+    first = "; ".join(f"{r.rule}: {r.message}" for r in decision.reasons[:3]) or "denied by policy"
+    code = (
+        decision.reasons[0].code
+        if decision.reasons and decision.reasons[0].code == "moderation_locked"
+        else None
+    )
+    error = PolicyDenied(f"{action} denied by policy (score {decision.score:.2f}): {first}", code=code)
+    error.extra["decision"] = decision.to_json()
+    return error
+
+
+def policy_screen(policy: PolicyService) -> Callable[[Principal, str, str], Awaitable[None]]:
+    """The check before a memory write (`memory.write`), for the memory service."""
+
+    async def screen(principal: Principal, text: str, namespace: str) -> None:
+        await policy.require(
+            principal, EvalRequest("memory.write", principal.subject, f"memory:{namespace}", text, {})
+        )
+
+    return screen

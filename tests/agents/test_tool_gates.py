@@ -1,0 +1,153 @@
+"""The policy gate with a real compiled policy, real built-in tools and a real run recorder (SQLite and
+PostgreSQL): denied calls never run and come back as `policy_denied` with the reasons, the whole
+decision lands in the run's log, allowed calls pass through — and a denied call asks no person."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from somaagent.agents.event_log import LiveStreams, read_events
+from somaagent.agents.recorder import RunRecorder
+from somaagent.agents.tables import AgentSession
+from somaagent.agents.tool_gates import PolicyEvaluate, policy_gate
+from somaagent.core.clock import utcnow
+from somaagent.core.ids import new_id
+from somaagent.core.principal import Principal
+from somaagent.identity.capabilities import ROLE_CAPABILITIES
+from somaagent.policy.document import ApprovalSettings, PolicyDocument, parse_rules
+from somaagent.policy.evaluator import CompiledPolicy, Decision, EvalRequest
+from somaagent.tools.approval_rules import ApprovalRules
+from somaagent.tools.approvals import ApprovalGate
+from somaagent.tools.builtins import builtin_tools, signing_key_from_secret
+from somaagent.tools.manifest import trusted_keys_from
+from somaagent.tools.registry import ToolContext, ToolRegistry, ToolStatus
+
+PRINCIPAL = Principal("ten_gates", "gates", "key:member", "member", ROLE_CAPABILITIES["member"])
+RULES = parse_rules(
+    [
+        {
+            "id": "no-tokyo",
+            "kind": "regex",
+            "actions": ["tool.call"],
+            "pattern": r"Tokyo",
+            "severity": "high",
+            "message": "Tokyo is off limits",
+        },
+        {"id": "no-outside", "kind": "side_effect", "actions": ["tool.call"], "classes": ["external"]},
+    ]
+)
+POLICY = CompiledPolicy.compile([], PolicyDocument(rules=RULES), "d" * 64, 3)
+
+
+async def _no_memory(_context: ToolContext, _query: str, _top_k: int) -> list[tuple[str, str, float]]:
+    return []
+
+
+def builtins() -> tuple[ToolRegistry, dict[str, ToolStatus]]:
+    key = signing_key_from_secret(b"tool gate tests")
+    registry = ToolRegistry(trusted_keys_from(key.public_key()))
+    statuses = {}
+    for tool in builtin_tools(key, _no_memory):
+        registry.register(tool)
+        statuses[tool.name] = ToolStatus(tool, True, {})
+    return registry, statuses
+
+
+def evaluate_with(policy: CompiledPolicy) -> PolicyEvaluate:
+    """How the app factory adapts `PolicyService.evaluate`, here over one compiled policy."""
+
+    async def evaluate(
+        principal: Principal, tool: str, arguments_json: str, context: Mapping[str, Any]
+    ) -> Decision:
+        known = {**context, "capabilities": sorted(principal.capabilities)}
+        return policy.evaluate(EvalRequest("tool.call", principal.subject, tool, arguments_json, known))
+
+    return evaluate
+
+
+async def run_context(sessions: async_sessionmaker[AsyncSession]) -> tuple[ToolContext, RunRecorder]:
+    session_id, run_id, now = new_id("ses"), new_id("run"), utcnow()
+    async with sessions() as db, db.begin():
+        db.add(
+            AgentSession(
+                id=session_id,
+                tenant_id=PRINCIPAL.tenant_id,
+                meta={},
+                last_seq=0,
+                active_run_id=run_id,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    recorder = RunRecorder(sessions, LiveStreams(), PRINCIPAL.tenant_id, session_id, run_id, 1)
+
+    async def record(type_: str, data: dict[str, Any]) -> None:
+        await recorder.record(type_, data)
+
+    return ToolContext(PRINCIPAL, session_id, run_id, {}, call_id="call_1", record=record), recorder
+
+
+async def test_a_denied_call_does_not_run_and_the_run_log_has_the_decision(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    registry, tools = builtins()
+    gated = policy_gate(evaluate_with(POLICY), registry.call)
+    context, recorder = await run_context(sessions)
+
+    outcome = await gated(tools["current_time"], context, '{"timezone": "Asia/Tokyo"}')
+    assert outcome.is_error and outcome.error_code == "policy_denied"
+    assert "Tokyo is off limits (no-tokyo)" in outcome.content and "severity high" in outcome.content
+    assert "datetime" not in outcome.content  # the clock never ran
+
+    async with sessions() as db:
+        logged = await read_events(db, PRINCIPAL.tenant_id, recorder.session_id, 0)
+    (denied,) = logged
+    expected = POLICY.evaluate(
+        EvalRequest(
+            "tool.call",
+            PRINCIPAL.subject,
+            "current_time",
+            '{"timezone": "Asia/Tokyo"}',
+            {
+                "tool": "current_time",
+                "side_effect": "read",
+                "session_id": recorder.session_id,
+                "run_id": recorder.run_id,
+                "capabilities": sorted(PRINCIPAL.capabilities),
+            },
+        )
+    )
+    assert denied.type == "policy.denied" and denied.data == json.loads(json.dumps(expected.to_json()))
+    assert denied.data["allowed"] is False and denied.data["policy_version"] == 3
+
+    # The side-effect class is in the context: every external call is denied, whatever its arguments.
+    fetched = await gated(tools["http_fetch"], context, '{"url": "https://example.com/"}')
+    assert fetched.error_code == "policy_denied" and "no-outside" in fetched.content
+
+
+async def test_an_allowed_call_passes_through(sessions: async_sessionmaker[AsyncSession]) -> None:
+    registry, tools = builtins()
+    gated = policy_gate(evaluate_with(POLICY), registry.call)
+    context, recorder = await run_context(sessions)
+    outcome = await gated(tools["current_time"], context, '{"timezone": "Europe/Paris"}')
+    assert not outcome.is_error and json.loads(outcome.content)["timezone"] == "Europe/Paris"
+    async with sessions() as db:
+        assert await read_events(db, PRINCIPAL.tenant_id, recorder.session_id, 0) == []
+
+
+async def test_the_policy_decides_before_anyone_is_asked(sessions: async_sessionmaker[AsyncSession]) -> None:
+    registry, tools = builtins()
+
+    async def every_call_waits(_tenant_id: str) -> ApprovalRules:
+        return ApprovalSettings(side_effects=["read", "write", "external"])
+
+    approvals = ApprovalGate(sessions, every_call_waits, ttl_s=60)
+    chain = policy_gate(evaluate_with(POLICY), approvals.wrap(registry.call))  # as the app composes it
+    context, _ = await run_context(sessions)
+    outcome = await chain(tools["current_time"], context, '{"timezone": "Asia/Tokyo"}')
+    assert outcome.error_code == "policy_denied"
+    assert await approvals.list_approvals(PRINCIPAL, None, None, 10, None) == []

@@ -1,0 +1,194 @@
+"""Rate limits and budgets over HTTP, around real model calls (the MiniLM embedder): one limit however
+many processes serve, `x-ratelimit-*` headers, 429 with Retry-After, and budgets that never overspend
+under concurrency, on one process (local counters, SQLite and PostgreSQL) and on three processes
+sharing Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.conftest import TenantCtx
+from tests.support.postgres import create_database, drop_database
+from tests.support.processes import SomaServer, start_soma
+
+EMBEDDER = "all-minilm-l6-v2"
+TEXT = "hello world"
+
+
+@dataclass
+class Burst:
+    statuses: list[int]
+    prompt_tokens: int  # what the admitted calls really used, by the model's own count
+    seconds: float
+
+
+async def _burst(base_url: str, key: str, count: int, concurrency: int) -> Burst:
+    statuses: list[int] = []
+    used = 0
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
+    async with httpx.AsyncClient(
+        base_url=base_url, headers={"authorization": f"Bearer {key}"}, timeout=120, limits=limits
+    ) as http:
+
+        async def one() -> None:
+            nonlocal used
+            async with gate:
+                response = await http.post("/v1/embeddings", json={"model": EMBEDDER, "input": TEXT})
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                used += response.json()["usage"]["prompt_tokens"]
+
+        started = time.monotonic()
+        await asyncio.gather(*(one() for _ in range(count)))
+    return Burst(statuses, used, time.monotonic() - started)
+
+
+def burst(base_url: str, key: str, count: int, concurrency: int = 32) -> Burst:
+    return asyncio.run(_burst(base_url, key, count, concurrency))
+
+
+def limit_key(server: SomaServer, admin: httpx.Client, tenant: str) -> tuple[str, str]:
+    created = admin.post("/v1/keys", json={"tenant": tenant, "name": "limited", "role": "member"})
+    assert created.status_code == 201, created.text
+    return created.json()["id"], created.json()["key"]
+
+
+def test_rate_limit_headers_and_429(tenant: TenantCtx, server: SomaServer, admin: httpx.Client) -> None:
+    key_id, key = limit_key(server, admin, tenant.name)
+    put = tenant.http.put(f"/v1/rate-limits/key/{key_id}", json={"rpm": 3})
+    assert put.status_code == 200, put.text
+    time.sleep(1.2)  # past the settings cache
+    with httpx.Client(
+        base_url=server.base_url, headers={"authorization": f"Bearer {key}"}, timeout=60
+    ) as http:
+        answers = [http.post("/v1/embeddings", json={"model": EMBEDDER, "input": TEXT}) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    first = answers[0].headers
+    assert first["x-ratelimit-limit-requests"] == "3" and first["x-ratelimit-remaining-requests"] == "2"
+    refused = answers[3]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and "rpm" in error["message"]
+    # Another key of the same tenant is not limited by this key's setting.
+    assert tenant.http.post("/v1/embeddings", json={"model": EMBEDDER, "input": TEXT}).status_code == 200
+
+
+def test_budget_never_overspends_under_concurrency(
+    tenant: TenantCtx, admin: httpx.Client, server: SomaServer
+) -> None:
+    key_id, key = limit_key(server, admin, tenant.name)
+    # Each call reserves its worst case, 13 tokens for "hello world" (the UTF-8 bound), so 650 fits 50
+    # calls at once; each really uses 4 and gives the rest back, so more than 50 fit in all.
+    created = tenant.http.post(
+        "/v1/budgets",
+        json={"scope": "key", "scope_id": key_id, "unit": "tokens", "limit": 650, "period": "day"},
+    )
+    assert created.status_code == 201, created.text
+    budget_id = created.json()["id"]
+    time.sleep(1.2)
+    result = burst(server.base_url, key, 200, concurrency=64)
+    status = tenant.http.get(f"/v1/budgets/{budget_id}").json()
+    # 503: admitted, then refused by the model's full wait queue (SOMA_MODEL_QUEUE=2 here): given back.
+    assert set(result.statuses) <= {200, 402, 503}, result.statuses
+    assert result.statuses.count(402) > 0 and result.statuses.count(200) > 0
+    assert status["spent"] == result.prompt_tokens <= 650  # never over, and every token counted
+    assert status["reserved"] == 0  # everything settled
+    refused = httpx.post(
+        f"{server.base_url}/v1/embeddings",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": EMBEDDER, "input": TEXT * 60},
+    )
+    error = refused.json()["error"]
+    assert refused.status_code == 402 and error["code"] == "budget_exceeded" and budget_id in error["message"]
+    assert error["budget"]["id"] == budget_id and error["budget"]["resets_at"]
+
+
+@pytest.fixture(scope="module")
+def three_processes() -> Iterator[SomaServer]:
+    """`soma serve --workers 3` on PostgreSQL, counting in Redis: three API processes, one port."""
+    name, url = create_database()
+    soma = start_soma(
+        url,
+        {"SOMA_COUNTERS": "redis", "SOMA_REDIS_URL": "redis://127.0.0.1:6379/0"},
+        args=("--workers", "3"),
+    )
+    try:
+        yield soma
+    finally:
+        soma.stop()
+        drop_database(name)
+
+
+def _tenant_key(soma: SomaServer) -> tuple[httpx.Client, str, str, str]:
+    admin = httpx.Client(
+        base_url=soma.base_url, headers={"authorization": f"Bearer {soma.admin_key}"}, timeout=60
+    )
+    name = f"t-{secrets.token_hex(4)}"
+    assert admin.post("/v1/tenants", json={"name": name}).status_code == 201
+    owner = admin.post("/v1/keys", json={"tenant": name, "name": "o", "role": "owner"}).json()["key"]
+    key = admin.post("/v1/keys", json={"tenant": name, "name": "k", "role": "member"}).json()
+    admin.close()
+    http = httpx.Client(base_url=soma.base_url, headers={"authorization": f"Bearer {owner}"}, timeout=60)
+    return http, owner, key["id"], key["key"]
+
+
+def _warm(soma: SomaServer, key: str) -> None:
+    # Load the embedder in every worker first (the kernel spreads connections over them).
+    burst(soma.base_url, key, 24, concurrency=12)
+
+
+@pytest.mark.postgres
+def test_three_processes_enforce_one_rate_limit(three_processes: SomaServer) -> None:
+    http, owner, key_id, key = _tenant_key(three_processes)
+    _warm(three_processes, owner)
+    rpm = 120
+    assert http.put(f"/v1/rate-limits/key/{key_id}", json={"rpm": rpm}).status_code == 200
+    time.sleep(1.5)
+    result = burst(three_processes.base_url, key, 600, concurrency=48)
+    admitted = result.statuses.count(200)
+    assert set(result.statuses) <= {200, 429}
+    # A sliding window: the whole minute's allowance at once, and never more within 60 s. Three
+    # processes each counting alone would have admitted up to three times as many.
+    assert result.seconds < 60
+    assert abs(admitted - rpm) <= rpm * 0.01, (admitted, result.seconds)
+    http.close()
+
+
+@pytest.mark.postgres
+def test_three_processes_never_overspend_a_budget(three_processes: SomaServer) -> None:
+    http, owner, key_id, key = _tenant_key(three_processes)
+    _warm(three_processes, owner)
+    created = http.post(
+        "/v1/budgets",
+        json={"scope": "key", "scope_id": key_id, "unit": "tokens", "limit": 650, "period": "total"},
+    )
+    assert created.status_code == 201, created.text
+    time.sleep(1.5)
+    result = burst(three_processes.base_url, key, 200, concurrency=64)
+    status = http.get(f"/v1/budgets/{created.json()['id']}").json()
+    assert set(result.statuses) <= {200, 402, 503}
+    assert result.statuses.count(402) > 0 and result.statuses.count(200) >= 50
+    assert status["spent"] == result.prompt_tokens <= 650 and status["reserved"] == 0
+    http.close()
+
+
+def test_rate_limits_are_tenant_scoped(new_tenant: Callable[..., TenantCtx], admin: httpx.Client) -> None:
+    a, b = new_tenant(), new_tenant()
+    # A key id of tenant B is not a scope tenant A can limit.
+    assert a.http.put(f"/v1/rate-limits/key/{b.key_id}", json={"rpm": 1}).status_code == 404
+    assert (
+        a.http.post(
+            "/v1/budgets",
+            json={"scope": "key", "scope_id": b.key_id, "unit": "tokens", "limit": 1, "period": "day"},
+        ).status_code
+        == 404
+    )
