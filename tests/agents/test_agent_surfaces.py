@@ -158,6 +158,9 @@ def test_tools_invoked_directly(server: SomaServer, tenant: TenantCtx) -> None:
     assert result == {**result, "content": "45\n", "is_error": False}
     escaped = invoke(tenant.http, "python", code="print(open('/etc/hostname').read())")
     assert "FileNotFoundError" in escaped["content"] or "No such file" in escaped["content"]
+    # http_fetch is `external`, which waits for a person by default; this tenant opts it out.
+    exempt = {"document": {"approvals": {"tools": {"http_fetch": "never"}}}}
+    assert tenant.http.put("/v1/policy", json=exempt).status_code == 200
     blocked = invoke(tenant.http, "http_fetch", url=f"{server.base_url}/healthz")
     assert blocked["is_error"] is True and "127.0.0.1" in blocked["content"]
     bad = invoke(tenant.http, "http_fetch", url="file:///etc/passwd")

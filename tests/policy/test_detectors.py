@@ -82,6 +82,18 @@ def test_not_cards(text: str) -> None:
     assert find_cards(text) == []
 
 
+def test_cards_in_other_scripts_digits_are_cards_too() -> None:
+    fullwidth = "\uff14\uff11\uff11\uff11 " * 3 + "\uff14\uff11\uff11\uff11"  # 4111 ... in fullwidth
+    assert luhn_valid("\uff14\uff11\uff11\uff11" * 4) is False  # 4111411141114111
+    assert luhn_valid("\u0664\u0661\u0661\u0661" + "\u0661" * 12) is True  # Arabic-Indic 4111111111111111
+    text = (
+        "card " + "\uff14\uff11\uff11\uff11 " + "\uff11\uff11\uff11\uff11 " * 2 + "\uff11\uff11\uff11\uff11"
+    )
+    assert find_cards(text) == [(5, len(text))]
+    assert find_cards("card " + fullwidth) == []
+    assert luhn_valid("4111 1111 1111 1111\u00b2") is True  # a superscript is not a digit: ignored
+
+
 def test_a_card_beside_other_numbers_in_one_run_is_found() -> None:
     text = "pay with 4111 1111 1111 1111 12/25 or call 555-1234 4111 1111 1111 1111"
     assert [text[s:e] for s, e in find_cards(text)] == ["4111 1111 1111 1111", "4111 1111 1111 1111"]

@@ -192,5 +192,7 @@ def test_empty_stream_and_no_content_rules() -> None:
     guard = StreamGuard(policy(), "alice", {})
     assert guard.finish() == GuardStep("")
     assert guard.feed("late") == GuardStep("")  # after finish nothing more is taken
-    plain = StreamGuard(policy([{"id": "cap", "kind": "capability", "requires": "x"}]), "alice", {})
+    no_content = parse_policy({"rules": [{"id": "cap", "kind": "capability", "requires": "x"}]})
+    plain = StreamGuard(CompiledPolicy.compile([], no_content, "h", 1), "alice", {})
+    assert plain.feed("nothing to check") == GuardStep("nothing to check")  # nothing held back
     assert stream(plain, chunks(PROSE, 10))[:2] == (PROSE, None)

@@ -239,3 +239,57 @@ def test_an_undecided_call_expires_and_the_run_goes_on(hasty: SomaServer) -> Non
                 "approval.requested",
                 "approval.expired",
             ]
+
+
+def test_two_key_tools_need_another_person_and_the_policy(
+    server: SomaServer, admin: httpx.Client, tenant: TenantCtx
+) -> None:
+    session_id = adding_session(admin, tenant.name, tenant.http)
+    policy = {"approvals": {"tools": {ADD: "two_key"}}}
+    assert tenant.http.put("/v1/policy", json={"document": policy}).status_code == 200
+    other_admin = key_client(server, admin, tenant, "admin")
+    outcomes: list[int] = []
+
+    def decide(required: dict[str, Any]) -> None:
+        assert required["two_key"] is True
+        url = f"/v1/approvals/{required['approval_id']}"
+        own = tenant.http.post(url, json={"decision": "approve"})  # the caller approving itself
+        outcomes.append(own.status_code)
+        assert own.json()["error"]["code"] == "four_eyes_required", own.text
+        second = other_admin.post(url, json={"decision": "approve", "note": "checked"})
+        outcomes.append(second.status_code)
+
+    stream = run_deciding(tenant.http, session_id, decide)
+    assert outcomes == [403, 200]
+    assert of_type(stream, "approval.decided")["decided_by"].startswith("key:")
+    assert of_type(stream, "tool.result")["is_error"] is False
+    other_admin.close()
+
+
+def test_the_policy_gate_denies_a_tool_call_before_anyone_is_asked(
+    admin: httpx.Client, tenant: TenantCtx
+) -> None:
+    session_id = adding_session(admin, tenant.name, tenant.http)
+    policy = {
+        "rules": [
+            {"id": "no-external", "kind": "side_effect", "classes": ["external"], "actions": ["tool.call"]}
+        ]
+    }
+    assert tenant.http.put("/v1/policy", json={"document": policy}).status_code == 200
+    stream = run_deciding(tenant.http, session_id)
+    assert "approval.required" not in types(stream)
+    denied = of_type(stream, "policy.denied")
+    assert denied["allowed"] is False and denied["reasons"][0]["rule"] == "no-external"
+    result = of_type(stream, "tool.result")
+    assert result["is_error"] is True and result["error_code"] == "policy_denied"
+    assert stream[-1]["type"] == "run.completed"  # the model saw the refusal; the run went on
+    assert tenant.http.get("/v1/approvals", params={"status": "pending"}).json()["data"] == []
+
+
+def test_a_direct_invoke_of_a_tool_that_needs_a_person_is_refused(
+    admin: httpx.Client, tenant: TenantCtx
+) -> None:
+    adding_session(admin, tenant.name, tenant.http)
+    invoked = tenant.http.post(f"/v1/tools/{ADD}/invoke", json={"arguments": {"a": 2, "b": 3}})
+    assert invoked.status_code == 200, invoked.text
+    assert invoked.json()["is_error"] is True and invoked.json()["error_code"] == "approval_required"

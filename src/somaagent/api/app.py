@@ -33,6 +33,7 @@ from somaagent.api import rate_limits as rate_limits_api
 from somaagent.api import sessions as sessions_api
 from somaagent.api import training as training_api
 from somaagent.api.admin import keys, profiles, tenants
+from somaagent.api.counters import build_counters
 from somaagent.api.errors import install_error_handlers
 from somaagent.api.metering import record_model_call
 from somaagent.api.middleware import EdgeMiddleware
@@ -225,7 +226,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         emitter,
         settings.policy_cache_ttl_s,
     )
-    counters = budgets_api.build_counters(settings, sessions)  # rate limits and budgets: local or Redis
+    counters = build_counters(settings, sessions)  # rate limits and budgets: local or Redis
     checks.extend(counters.readiness)
     governor = ModelCallGovernor(
         counters.rate_limits, counters.rate_limiter, counters.budgets, counters.prices, policy

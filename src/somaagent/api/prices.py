@@ -72,7 +72,7 @@ async def price_versions(
     return ListOut(data=[PriceOut.of(p) for p in versions])
 
 
-@router.put("/{model:path}", response_model=PriceOut, responses=error_responses(400, 401, 403, 409))
+@router.put("/{model:path}", response_model=PriceOut, responses=error_responses(400, 401, 403, 404, 409))
 async def set_price(
     model: str, body: PriceIn, principal: OperatorDep, services: ServicesDep, session: SessionDep
 ) -> PriceOut:

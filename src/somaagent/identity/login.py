@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.core.clock import utcnow
-from somaagent.core.errors import Unauthenticated
+from somaagent.core.errors import SomaError, Unauthenticated
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
 from somaagent.identity import mfa
@@ -44,6 +45,8 @@ T = TypeVar("T")
 
 REFRESH_PREFIX = "rt-soma-"
 INVALID_LOGIN = "invalid username or password"
+
+log = logging.getLogger(__name__)
 
 
 class InvalidGrant(Unauthenticated):
@@ -396,7 +399,11 @@ class Logins:
     async def _token_claims(self, tenant_id: str) -> dict[str, object] | None:
         if self._constitution_hash is None:
             return None
-        return {"constitution_hash": await self._constitution_hash(tenant_id)}
+        try:
+            return {"constitution_hash": await self._constitution_hash(tenant_id)}
+        except SomaError as exc:  # a broken constitution must not lock out the admins who would mend it
+            log.warning("token for tenant %s issued without constitution_hash: %s", tenant_id, exc.message)
+            return None
 
     async def _fail(
         self,

@@ -6,10 +6,13 @@ longest text each detector needs to see at once (`DETECTOR_MAX_CHARS`, used by t
 May import: stdlib. Never: I/O, other somaagent packages.
 
 Every finder takes `(text, start, limit)` and returns up to `limit` spans `(s, e)` with `s >= start`
-and `text[s:e]` the match. Characters before `start` are still read as left context (so a scan that
-starts inside a longer token does not report a fragment of it as a new match). Each finder first
-locates a cheap candidate with one regular expression (no leading look-behind, so the engine can skip
-text that cannot start a match) and checks boundaries and structure in Python.
+and `text[s:e]` the match. Characters before `start` are read as left context where it matters: a
+number that begins before `start` is not reported from its middle (cards, phones), while the rest of
+an address or of a random token is (it is still an `@domain`, still random). Each finder first locates
+candidates with one regular expression that the engine runs in C without a leading look-behind (so
+it skips text that cannot start a match): `@domain`, runs of phone characters, runs of 13+ digits,
+and long tokens only when a substring test says one may exist; boundaries and structure are then
+checked in Python. Work is linear in the text (adversarial digit runs ~0.6 s/MB, prose ~0.01 s/MB).
 
 Decisions worth knowing:
 - e-mail: ASCII local part and domain with a 2-24 letter TLD; internationalised addresses are not found.
@@ -17,8 +20,10 @@ Decisions worth knowing:
   national formats — NANP `415-555-2671` / `(415) 555-2671` / `415.555.2671`, and trunk-prefixed
   `020 7946 0958` / `01 23 45 67 89` — with 9-15 digits. A bare run of digits without `+` is not a
   phone (order numbers and amounts look the same); nor is a number glued to a longer digit run.
-- card: 13-19 digits, contiguous or in groups of 3-6 split by single spaces or dashes, passing the
-  Luhn check and not all one digit; numbers inside longer digit runs are not cards.
+- card: 13-19 digits (any script's decimal digits), contiguous or in groups of 3-6 split by single
+  spaces or dashes, passing the Luhn check and not all one digit; whole groups of a run only (a card
+  beside an expiry date or a phone number in one run is found; a contiguous number inside a longer
+  digit run is not a card).
 - secret: well-known key formats (OpenAI/Anthropic `sk-…`, Stripe `sk_live_…`, AWS `AKIA…`/`ASIA…`,
   GitHub `ghp_…`/`github_pat_…`, Slack `xox?-…`, PEM `-----BEGIN … PRIVATE KEY-----`) and long random
   tokens: ≥ 32 base64/base64url characters mixing lower case, upper case and digits, or ≥ 32 hex digits
@@ -44,8 +49,9 @@ Finder = Callable[[str, int, int], list[Span]]
 # --- e-mail ------------------------------------------------------------------------------------------
 
 _LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
-_DOMAIN = re.compile(
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# `@` and a domain with a 2-24 letter TLD; the engine skips every `@` without one (no Python per `@`).
+_AT_DOMAIN = re.compile(
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*?"
     r"\.[A-Za-z]{2,24}(?![A-Za-z0-9-]|\.[A-Za-z0-9])"
 )
@@ -55,9 +61,8 @@ _MAX_LOCAL = 64
 def find_emails(text: str, start: int = 0, limit: int = 20) -> list[Span]:
     """Spans of e-mail addresses in `text[start:]`."""
     spans: list[Span] = []
-    at = text.find("@", start)
-    while at != -1 and len(spans) < limit:
-        local_start = at
+    for domain in _AT_DOMAIN.finditer(text, start):
+        at = local_start = domain.start()
         # Walk left over the local part, never before `start` (a scan that starts inside an address
         # still reports the rest of it) and at most 64 characters (longer is not an address).
         while local_start > start and text[local_start - 1] in _LOCAL_CHARS and at - local_start < _MAX_LOCAL:
@@ -65,10 +70,10 @@ def find_emails(text: str, start: int = 0, limit: int = 20) -> list[Span]:
         too_long = at - local_start >= _MAX_LOCAL and text[local_start - 1 : local_start] in _LOCAL_CHARS
         while local_start < at and text[local_start] == ".":
             local_start += 1
-        domain = _DOMAIN.match(text, at + 1)
-        if domain and local_start < at and not too_long:
+        if local_start < at and not too_long:
             spans.append((local_start, domain.end()))
-        at = text.find("@", at + 1)
+            if len(spans) >= limit:
+                break
     return spans
 
 
@@ -126,31 +131,49 @@ def find_phones(text: str, start: int = 0, limit: int = 20) -> list[Span]:
 
 _DIGIT_RUN = re.compile(r"\d(?:[ -]?\d){12,}")  # runs of >= 13 digits split by single spaces or dashes
 _DIGITS = re.compile(r"\d+")
+_DOUBLED = str.maketrans("0123456789", "0246813579")  # Luhn: 2d, minus 9 when above 9
+
+
+def _luhn_ascii(digits: str) -> bool:
+    # Digit sums as sums of code points: the loop runs in C (a card check costs ~1 us).
+    kept, doubled = digits[-1::-2], digits[-2::-2].translate(_DOUBLED)
+    return (sum(kept.encode()) + sum(doubled.encode()) - 48 * len(digits)) % 10 == 0
 
 
 def luhn_valid(digits: str) -> bool:
     """Whether a string of digits (separators are ignored) passes the Luhn checksum."""
-    values = [int(ch) for ch in digits if ch.isdigit()]
+    values = "".join(ch for ch in digits if ch.isdecimal())
     if len(values) < 2:
         return False
-    total = 0
-    for i, value in enumerate(reversed(values)):
-        if i % 2 == 1:
-            value *= 2
-            if value > 9:
-                value -= 9
-        total += value
-    return total % 10 == 0
+    if not values.isascii():  # other scripts' digits: the same numbers
+        values = "".join(str(int(ch)) for ch in values)
+    return _luhn_ascii(values)
 
 
-def _card_digits(text: str, groups: list[Span]) -> str | None:
-    """The digits of consecutive digit groups if they are card-shaped, else None."""
-    if len(groups) > 1 and not all(3 <= e - s <= 6 for s, e in groups):
+def _card_end(text: str, groups: list[Span], i: int) -> int | None:
+    """The end (a group index) of the longest card number made of whole groups from `groups[i]`:
+    one contiguous group of 13-19 digits, or 2-6 groups of 3-6 digits with 13-19 in all."""
+    first = groups[i][1] - groups[i][0]
+    if first > 6:
+        candidates = [i + 1] if 13 <= first <= 19 else []
+    elif first >= 3:
+        candidates, total, j = [], 0, i
+        while j < len(groups) and 3 <= groups[j][1] - groups[j][0] <= 6:
+            total += groups[j][1] - groups[j][0]
+            if total > 19:
+                break
+            j += 1
+            if total >= 13 and j - i > 1:
+                candidates.append(j)
+    else:
         return None
-    digits = "".join(text[s:e] for s, e in groups)
-    if not 13 <= len(digits) <= 19 or len(set(digits)) == 1:
-        return None
-    return digits
+    for end in reversed(candidates):
+        digits = "".join(text[s:e] for s, e in groups[i:end])
+        if digits.count(digits[0]) == len(digits):
+            continue  # 0000 0000 0000 0000: a placeholder
+        if _luhn_ascii(digits) if digits.isascii() else luhn_valid(digits):
+            return end
+    return None
 
 
 def find_cards(text: str, start: int = 0, limit: int = 20) -> list[Span]:
@@ -166,19 +189,17 @@ def find_cards(text: str, start: int = 0, limit: int = 20) -> list[Span]:
         if after.isalnum() or after == "_" or (after == "." and e + 1 < len(text) and text[e + 1].isdigit()):
             groups = groups[:-1]
         # A run may hold other numbers beside a card ("4111 1111 1111 1111 12/25", "555-1234 4111 …"):
-        # take, left to right, the longest card-shaped stretch of whole groups (≤ 7 groups of ≥ 3 digits).
+        # take, left to right, the longest card-shaped stretch of whole groups.
         i = 0
         while i < len(groups):
-            for j in range(min(len(groups), i + 7), i, -1):
-                digits = _card_digits(text, groups[i:j])
-                if digits is not None and luhn_valid(digits):
-                    spans.append((groups[i][0], groups[j - 1][1]))
-                    if len(spans) >= limit:
-                        return spans
-                    i = j
-                    break
-            else:
+            end = _card_end(text, groups, i)
+            if end is None:
                 i += 1
+                continue
+            spans.append((groups[i][0], groups[end - 1][1]))
+            if len(spans) >= limit:
+                return spans
+            i = end
     return spans
 
 

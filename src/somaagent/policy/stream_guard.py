@@ -1,6 +1,6 @@
 """The stream guard: model output checked while it streams, released only once checked.
 
-Owns: `StreamGuard`, `GuardStep`. May import: policy.evaluator, policy.document, stdlib.
+Owns: `StreamGuard`, `GuardStep`. May import: policy.evaluator, stdlib.
 Never: I/O (the caller emits the decision and counts strikes).
 
 How it works. Output arrives in chunks. The guard keeps the text not yet released; the last
@@ -10,9 +10,10 @@ rules that apply to `model.output`, and only then released up to `holdback_chars
 scan is incremental: each rule reads from the first new character minus its own look-back, which is
 max(holdback_chars, min(the rule's longest possible match, window_chars / 2)) — a card is at most 40
 characters, a keyword list its longest phrase, a regex its `sre` width; unbounded regexes get
-window_chars / 2. So a match split over any number of chunks is whole in the scan that first sees its
-last character, and that scan happens before any of it is released: whatever is released was scanned
-with at least `holdback_chars` of text to its right, or the stream had ended.
+window_chars / 2. So a match of up to `holdback_chars`, split over any number of chunks, is whole in
+the scan that first sees its last character, and that scan happens before any of it is released:
+whatever is released was scanned with at least `holdback_chars` of text to its right, or the stream
+had ended. A policy without content rules for `model.output` holds nothing back.
 
 Matches that start in the held tail are not judged yet (the text after them may change them: `bomb`
 may become `bombastic`); the next scan reads them again. Matches accumulate over the stream, so two
@@ -60,9 +61,10 @@ class StreamGuard:
     def __init__(self, policy: CompiledPolicy, subject: str, context: Mapping[str, Any]) -> None:
         settings = policy.document.stream
         self._policy = policy
-        self._holdback = settings.holdback_chars
-        self._step = max(1, settings.holdback_chars // 4)
         self._rules, self._allow = policy.content_rules(ACTION, context, subject=subject)
+        # Without content rules nothing can match: nothing needs holding back.
+        self._holdback = settings.holdback_chars if self._rules else 0
+        self._step = max(1, self._holdback // 4)
         half_window = settings.window_chars // 2
         self._lookbacks = [
             max(self._holdback, min(rule.max_chars or half_window, half_window)) for rule in self._rules
