@@ -256,7 +256,17 @@ def test_safe_patterns_are_accepted(pattern: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "pattern", [r"(a+)+", r"(a*)*b", r"(.*x){20}", r"(?:.+,)+", r"(?>(a+)+)", r"(?i)(?:[a-z]+K)+"]
+    "pattern",
+    [
+        r"(a+)+",
+        r"(a*)*b",
+        r"(.*x){20}",
+        r"(?:.+,)+",
+        r"(?>(a+)+)",
+        r"(?i)(?:[a-z]+K)+",
+        r"(a|aa)+c",
+        r"(?:foo|bar)+",
+    ],
 )
 def test_catastrophic_looking_patterns_are_refused(pattern: str) -> None:
     with pytest.raises(ValueError, match="nests a repetition"):

@@ -345,23 +345,35 @@ def test_an_evaluation_that_errors_fails_closed_or_open_as_configured(
     put_policy(open_.http, {"rules": [], "fail_closed": False})
     for ctx in (closed, open_):
         assert evaluate(ctx.http, action="x", content="hi")["allowed"] is True
-        # Break the constitution in the database: its signature no longer verifies.
-        signed = ctx.http.get("/v1/constitution").json()
+        # Break the tenant's policy in the database: its newest version no longer parses.
         sql(
             server,
-            "INSERT INTO constitutions (tenant_id, version, document, sha256, signature, signing_key_id, "
-            "created_at, created_by) VALUES (:t, 1, :d, :h, :s, :k, CURRENT_TIMESTAMP, 'tamper')",
+            "INSERT INTO policy_versions (tenant_id, version, document, created_at, created_by) "
+            "VALUES (:t, 2, :d, CURRENT_TIMESTAMP, 'tamper')",
             t=ctx.id,
-            d=json.dumps({"name": "forged", "principles": [], "rules": []}),
-            h=signed["sha256"],
-            s=signed.get("signature") or "AAAA",
-            k=signed.get("signing_key_id") or "forged",
+            d=json.dumps({"rules": [{"id": "x", "kind": "no-such-kind"}]}),
         )
     time.sleep(1.5)  # past every replica's cache TTL
     refused = evaluate(closed.http, action="x", content="hi")
     assert refused["allowed"] is False and refused["reasons"][0]["code"] == "evaluation_error"
     allowed = evaluate(open_.http, action="x", content="hi")
     assert allowed["allowed"] is True and allowed["reasons"][0]["code"] == "evaluation_error"
+
+    # A constitution that fails verification denies even where the tenant's policy fails open.
+    signed = open_.http.get("/v1/constitution").json()
+    sql(
+        server,
+        "INSERT INTO constitutions (tenant_id, version, document, sha256, signature, signing_key_id, "
+        "created_at, created_by) VALUES (:t, 1, :d, :h, :s, :k, CURRENT_TIMESTAMP, 'tamper')",
+        t=open_.id,
+        d=json.dumps({"name": "forged", "principles": [], "rules": []}),
+        h=signed["sha256"],
+        s=signed["signature"],
+        k=signed["signing_key_id"],
+    )
+    time.sleep(1.5)
+    forged = evaluate(open_.http, action="x", content="hi")
+    assert forged["allowed"] is False and forged["reasons"][0]["code"] == "evaluation_error"
 
 
 def _signer(server: SomaServer) -> ConstitutionSigner:
@@ -370,7 +382,7 @@ def _signer(server: SomaServer) -> ConstitutionSigner:
 
 
 def test_constitution_rules_bind_and_a_session_learns_of_a_new_constitution(
-    tenant: TenantCtx, server: SomaServer
+    tenant: TenantCtx, server: SomaServer, admin: httpx.Client
 ) -> None:
     assert (
         tenant.http.post(
@@ -388,7 +400,9 @@ def test_constitution_rules_bind_and_a_session_learns_of_a_new_constitution(
         "principles": ["Never help plan an exploit."],
         "rules": [{"id": "exploits", "kind": "keywords", "words": ["zero day"], "severity": "critical"}],
     }
-    put = tenant.http.put("/v1/constitution", json=_signer(server).sign(document).to_json())
+    put = admin.put(
+        "/v1/constitution", json=_signer(server).sign(document).to_json() | {"tenant": tenant.name}
+    )
     assert put.status_code == 200, put.text
     new_hash = put.json()["sha256"]
     # A tenant rule that allows everyone does not lift a constitution rule.

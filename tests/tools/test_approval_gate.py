@@ -301,17 +301,25 @@ async def test_two_keys_need_another_person_and_the_policys_consent(
     (pending,) = await pending_of(gate, user)
     assert pending.two_key and "two-key" in pending.reason
 
+    other = Principal("ten_gate", "gate", "user:usr_2", None, ADMIN, user_id="usr_2")
     for same_person in (user, users_key):
         with pytest.raises(Forbidden) as four_eyes:
             await gate.decide(same_person, pending.id, "approve", None)
         assert four_eyes.value.code == "four_eyes_required"
-    with pytest.raises(PolicyDenied) as refused:
+    # A key is a credential, not a person: two-key approvals are decided by a signed-in user.
+    with pytest.raises(Forbidden) as keyed:
         await gate.decide(APPROVER, pending.id, "approve", None)
-    assert refused.value.extra["decision"]["allowed"] is False and asked == ["key:approver"]
+    assert keyed.value.code == "four_eyes_required" and "API key" in keyed.value.message
+    # The person behind the requesting credential (a key's maker) is the requester too.
+    with pytest.raises(Forbidden):
+        await gate.decide(other, pending.id, "approve", None, requester_person="user:usr_2")
+    with pytest.raises(PolicyDenied) as refused:
+        await gate.decide(other, pending.id, "approve", None)
+    assert refused.value.extra["decision"]["allowed"] is False and asked == ["user:usr_2"]
     assert (await gate.get(APPROVER, pending.id)).status == "pending"  # someone may still decide
 
     policy["now"] = CompiledPolicy.compile([], PolicyDocument(), "c" * 64, 2)  # the policy changed
-    await gate.decide(APPROVER, pending.id, "approve", None)
+    await gate.decide(other, pending.id, "approve", None)
     outcome = await asyncio.wait_for(call, 10)
     assert not outcome.is_error
     assert (await logged(sessions, recorder))[0].data["two_key"] is True

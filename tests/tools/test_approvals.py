@@ -6,6 +6,7 @@ tenants, double decisions, the audit trail — on both backends; expiry on a ser
 
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -241,29 +242,43 @@ def test_an_undecided_call_expires_and_the_run_goes_on(hasty: SomaServer) -> Non
             ]
 
 
+def signed_in(server: SomaServer, tenant: TenantCtx, role: str) -> httpx.Client:
+    """A person of the tenant with `role`, signed in (an access token, not an API key)."""
+    username, password = f"p-{secrets.token_hex(4)}@example.com", "a long enough password"
+    made = tenant.http.post("/v1/users", json={"username": username, "role": role, "password": password})
+    assert made.status_code == 201, made.text
+    form = {"grant_type": "password", "tenant": tenant.name, "username": username, "password": password}
+    token = httpx.post(f"{server.v1}/auth/token", data=form, timeout=30)
+    assert token.status_code == 200, token.text
+    headers = {"authorization": f"Bearer {token.json()['access_token']}"}
+    return httpx.Client(base_url=server.base_url, headers=headers, timeout=60)
+
+
 def test_two_key_tools_need_another_person_and_the_policy(
     server: SomaServer, admin: httpx.Client, tenant: TenantCtx
 ) -> None:
     session_id = adding_session(admin, tenant.name, tenant.http)
     policy = {"approvals": {"tools": {ADD: "two_key"}}}
     assert tenant.http.put("/v1/policy", json={"document": policy}).status_code == 200
-    other_admin = key_client(server, admin, tenant, "admin")
-    outcomes: list[int] = []
+    other_key = key_client(server, admin, tenant, "admin")
+    person = signed_in(server, tenant, "admin")
+    outcomes: list[tuple[int, str | None]] = []
 
     def decide(required: dict[str, Any]) -> None:
         assert required["two_key"] is True
         url = f"/v1/approvals/{required['approval_id']}"
-        own = tenant.http.post(url, json={"decision": "approve"})  # the caller approving itself
-        outcomes.append(own.status_code)
-        assert own.json()["error"]["code"] == "four_eyes_required", own.text
-        second = other_admin.post(url, json={"decision": "approve", "note": "checked"})
-        outcomes.append(second.status_code)
+        for who in (tenant.http, other_key, person):  # the caller itself, another key, a person
+            answer = who.post(url, json={"decision": "approve", "note": "checked"})
+            outcomes.append((answer.status_code, answer.json().get("error", {}).get("code")))
+            if answer.status_code == 200:
+                break
 
     stream = run_deciding(tenant.http, session_id, decide)
-    assert outcomes == [403, 200]
-    assert of_type(stream, "approval.decided")["decided_by"].startswith("key:")
+    assert outcomes == [(403, "four_eyes_required"), (403, "four_eyes_required"), (200, None)]
+    assert of_type(stream, "approval.decided")["decided_by"].startswith("user:")
     assert of_type(stream, "tool.result")["is_error"] is False
-    other_admin.close()
+    other_key.close()
+    person.close()
 
 
 def test_the_policy_gate_denies_a_tool_call_before_anyone_is_asked(

@@ -14,6 +14,7 @@ from somaagent.agents.tables import AgentEvent, AgentRun, AgentSession
 from somaagent.core.clock import utcnow
 from somaagent.events.outbox import add_event
 from somaagent.events.schemas import CONVERSATION_EVENTS, Event
+from somaagent.tools.tables import Approval
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,16 @@ async def mark_interrupted(sessions: async_sessionmaker[AsyncSession], run_id: s
         session.last_seq = seq
         if session.active_run_id == run_id:
             session.active_run_id = None
+        # Its waiting tool calls will never run: nobody may approve them now.
+        await db.execute(
+            update(Approval)
+            .where(
+                Approval.run_id == run_id, Approval.tenant_id == run.tenant_id, Approval.status == "pending"
+            )
+            .values(
+                status="cancelled", decided_by="system", note="the run was interrupted", decided_at=utcnow()
+            )
+        )
         add_event(
             db,
             Event(

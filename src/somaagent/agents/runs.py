@@ -185,24 +185,25 @@ class RunEngine:
         model: str,
         persona: str | None,
     ) -> Decision:
-        """The `run.input` check of the user's message. A session last run under an older constitution
-        has its history decided again under the new one first (no strikes: the history was allowed once);
-        a history the new constitution denies ends the session's runs. Answers the decision to record."""
-        context = {"model": model, "persona": persona, "capabilities": sorted(principal.capabilities)}
+        """The `run.input` check of the user's message, then of the session's history if it was not yet
+        decided under this constitution: an imported history, the earlier messages of an `agent:<persona>`
+        completion, or a session last run under an older constitution (no strikes: a history is not a new
+        offence). A history the constitution and policy now deny ends the session's runs. Answers the
+        decision to record."""
+        context = {"model": model, "persona": persona}
         resource = f"session:{row.id}"
-        current = await self._policy.compiled(principal.tenant_id)
-        reevaluated: Decision | None = None
-        if row.constitution_hash is not None and row.constitution_hash != current.constitution_hash:
-            text = "\n".join(m.content for m in history if m.content and m.role in ("user", "assistant"))
-            request = EvalRequest("run.input", principal.subject, resource, text, context)
-            reevaluated = await self._policy.evaluate(principal, request, count_strikes=False)
-            if not reevaluated.allowed:
-                raise denied(reevaluated, "this session's history under the tenant's new constitution")
         content = run_input.user_message().content or ""
         decision = await self._policy.require(
             principal, EvalRequest("run.input", principal.subject, resource, content, context)
         )
-        return reevaluated or decision
+        if not history or row.constitution_hash == decision.constitution_hash:
+            return decision
+        text = "\n".join(m.content for m in history if m.content and m.role in ("user", "assistant"))
+        request = EvalRequest("run.input", principal.subject, resource, text, context)
+        reevaluated = await self._policy.evaluate(principal, request, count_strikes=False)
+        if not reevaluated.allowed:
+            raise denied(reevaluated, "this session's history")
+        return reevaluated
 
     async def _claim(
         self, principal: Principal, session_id: str, run_id: str, model: str, constitution_hash: str

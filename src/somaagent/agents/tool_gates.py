@@ -56,13 +56,12 @@ def policy_gate(policy_evaluate: PolicyEvaluate, next_call: ToolCaller) -> ToolC
 
 def tool_call_policy(policy: PolicyService) -> PolicyEvaluate:
     """`PolicyService.evaluate` as the policy gate needs it: action `tool.call`, the arguments as the
-    content, the caller's capabilities in the context."""
+    content."""
 
     async def evaluate(
         principal: Principal, tool: str, arguments_json: str, context: Mapping[str, Any]
     ) -> Decision:
-        known = {**context, "capabilities": sorted(principal.capabilities)}
-        request = EvalRequest("tool.call", principal.subject, f"tool:{tool}", arguments_json, known)
+        request = EvalRequest("tool.call", principal.subject, f"tool:{tool}", arguments_json, context)
         return await policy.evaluate(principal, request)
 
     return evaluate
@@ -74,11 +73,7 @@ def approver_consent(policy: PolicyService) -> Callable[[Principal, ToolStatus, 
 
     async def check(approver: Principal, status: ToolStatus, arguments_json: str) -> Decision:
         manifest = status.tool.manifest
-        context = {
-            "tool": manifest.name,
-            "side_effect": manifest.side_effect,
-            "capabilities": sorted(approver.capabilities),
-        }
+        context = {"tool": manifest.name, "side_effect": manifest.side_effect}
         request = EvalRequest("tool.call", approver.subject, f"tool:{manifest.name}", arguments_json, context)
         return await policy.evaluate(approver, request, count_strikes=False)
 

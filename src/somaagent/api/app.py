@@ -225,6 +225,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         Strikes(sessions, settings.policy_cache_ttl_s),
         emitter,
         settings.policy_cache_ttl_s,
+        derive_key(secret, "policy-decisions"),
     )
     counters = build_counters(settings, sessions)  # rate limits and budgets: local or Redis
     checks.extend(counters.readiness)
@@ -289,7 +290,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         meter_model_call(principal, request_id, model, "embedding", Usage(tokens, 0), seconds, "ok")
 
     documents, document_worker = memory_documents.build_documents(
-        settings, sessions, memory, embed_for_memory, meter_document_embedding
+        settings, sessions, memory, embed_for_memory, meter_document_embedding, policy_screen(policy)
     )
 
     approvals = ApprovalGate(
@@ -423,8 +424,8 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
             yield
         finally:
             await document_worker.close()
+            await agents.close()  # before the counters: interrupted runs settle their reservations
             await counters.close()
-            await agents.close()
             await mcp.connections.close()
             for close_index in index_closers:
                 await asyncio.to_thread(close_index)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from somaagent.api.deps import ServicesDep, ToolsApproveDep
 from somaagent.api.openai.docs import error_responses
+from somaagent.identity.service import person_behind
 from somaagent.tools.approvals import arguments_of
 from somaagent.tools.tables import Approval
 
@@ -104,5 +105,8 @@ async def decide_approval(
     """Approve (the waiting call runs) or reject (the model is told, with the note). Two-key approvals
     need someone other than the caller of the tool (403 `four_eyes_required`); a decided or expired
     approval answers 409 with its `status`."""
-    row = await services.approvals.decide(principal, approval_id, body.decision, body.note)
+    pending = await services.approvals.get(principal, approval_id)
+    async with services.sessions() as session:
+        person = await person_behind(session, principal.tenant_id, pending.requested_by)
+    row = await services.approvals.decide(principal, approval_id, body.decision, body.note, person)
     return ApprovalOut.of(row)

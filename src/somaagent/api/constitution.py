@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from somaagent.api.deps import ChatUseDep, PolicyAdminDep, ServicesDep, SessionDep
+from somaagent.api.deps import ChatUseDep, OperatorDep, PolicyAdminDep, ServicesDep, SessionDep
 from somaagent.api.openai.docs import error_responses
 from somaagent.identity.secret_box import derive_key
 from somaagent.identity.service import act_for_tenant, get_tenant
@@ -208,9 +208,11 @@ async def validate_constitution(
 
 @router.put("", response_model=ConstitutionOut, responses=error_responses(400, 401, 403, 404, 409))
 async def put_constitution(
-    body: ConstitutionIn, principal: PolicyAdminDep, services: ServicesDep, session: SessionDep
+    body: ConstitutionIn, principal: OperatorDep, services: ServicesDep, session: SessionDep
 ) -> ConstitutionOut:
-    """Store a signed document as the tenant's next constitution version; emits `constitution.updated`.
+    """Store a signed document as the tenant's next constitution version (operators only: a tenant admin
+    could otherwise install any document the platform ever signed, an old version or the rule-less
+    default among them); emits `constitution.updated`.
     Unsigned: 400 `constitution_unsigned`; a foreign key or a document changed after signing: 400
     `constitution_signature_invalid`."""
     acting = await act_for_tenant(session, principal, body.tenant)

@@ -58,7 +58,8 @@ def build_counters(settings: Settings, sessions: async_sessionmaker[AsyncSession
     # A call that outlives the reservation TTL is taken for dead: its concurrency slot frees then too.
     lease_ttl_s = settings.budget_reservation_ttl_s
     if settings.counters == "redis":
-        redis = Redis.from_url(settings.redis_url)
+        # Timeouts, so that a Redis that stops answering refuses calls (503) instead of hanging them.
+        redis = Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         limiter: RateLimiter = RedisRateLimiter(redis, lease_ttl_s=lease_ttl_s)
         budgets = Budgets(
             sessions,

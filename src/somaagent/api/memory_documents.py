@@ -22,7 +22,7 @@ from somaagent.memory.document_worker import DocumentWorker, UsageSink
 from somaagent.memory.documents import DocumentIngest, DocumentSettings, Upload
 from somaagent.memory.extraction import MEDIA_TYPES, decode_base64, media_type_of
 from somaagent.memory.schemas import DocumentDeletedOut, DocumentIn, DocumentListOut, DocumentOut
-from somaagent.memory.service import DEFAULT_NAMESPACE, Embed, MemoryService
+from somaagent.memory.service import DEFAULT_NAMESPACE, Embed, MemoryService, Screen
 from somaagent.observability.context import current_request_id
 
 router = APIRouter(prefix="/v1/memory/documents", tags=["Memory"])
@@ -60,6 +60,7 @@ def build_documents(
     memory: MemoryService,
     embed: Embed,
     on_usage: UsageSink,
+    screen: Screen | None = None,
 ) -> tuple[DocumentIngest, DocumentWorker]:
     """The document service and this process's worker, whose embedding calls go to `on_usage`."""
     document_settings = DocumentSettings(
@@ -72,7 +73,7 @@ def build_documents(
     )
     count = _token_counter(settings)
     worker = DocumentWorker(sessions, embed, memory, document_settings, count, on_usage=on_usage)
-    return DocumentIngest(document_settings, count), worker
+    return DocumentIngest(document_settings, count, screen), worker
 
 
 def _token_counter(settings: Settings) -> TokenCounter:

@@ -140,7 +140,7 @@ async def evaluate(body: EvaluateIn, principal: ChatUseDep, services: ServicesDe
         )
     context = dict(body.context)
     if subject == principal.subject:
-        context.setdefault("capabilities", sorted(principal.capabilities))
+        context.pop("capabilities", None)  # the caller's own, not what it claims (the service fills them)
     request = EvalRequest(body.action, subject, body.resource, body.content, context)
     decision = await services.policy.evaluate(principal, request, count_strikes=not body.dry_run)
     return _json(decision.to_json())

@@ -20,6 +20,9 @@ from somaagent.identity.tables import ApiKey, User
 from somaagent.policy.limits import RateLimitRow
 from somaagent.policy.ratelimit import ScopeLimits
 
+# The columns are 32-bit integers on every backend.
+MAX_SETTING = 2**31 - 1
+
 router = APIRouter(prefix="/v1/rate-limits", tags=["Governance"])
 
 ScopeName = Literal["tenant", "user", "key"]
@@ -56,14 +59,19 @@ class RateLimitIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rpm: int | None = Field(default=None, ge=1, description="Requests per minute (any 60 s window).")
+    rpm: int | None = Field(
+        default=None, ge=1, le=MAX_SETTING, description="Requests per minute (any 60 s window)."
+    )
     tpm: int | None = Field(
         default=None,
         ge=1,
+        le=MAX_SETTING,
         description="Tokens per minute (any 60 s window): prompt plus max_tokens are held at admission, "
         "what the call did not use is given back when it ends.",
     )
-    concurrent: int | None = Field(default=None, ge=1, description="Requests in flight at once.")
+    concurrent: int | None = Field(
+        default=None, ge=1, le=MAX_SETTING, description="Requests in flight at once."
+    )
 
 
 class RateLimitOut(BaseModel):

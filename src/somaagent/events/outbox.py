@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from somaagent.events.schemas import Event
+from somaagent.events.schemas import AUDIT_EVENTS, Event
 from somaagent.events.tables import OutboxEvent
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,12 @@ def _row(event: Event) -> dict[str, object]:
 def add_event(session: AsyncSession, event: Event) -> None:
     """Stage `event` in the session's transaction: it commits, or rolls back, with the state change."""
     session.add(OutboxEvent(**_row(event)))
+
+
+def audit(session: AsyncSession, actor: str, tenant_id: str | None, action: str, **data: object) -> None:
+    """Stage an `audit.events` fact in the session's transaction: it commits, or rolls back, with the
+    change it records. The one way every domain writes to the audit log."""
+    add_event(session, Event(topic=AUDIT_EVENTS, type=action, tenant_id=tenant_id, actor=actor, data=data))
 
 
 async def insert_events(session: AsyncSession, events: Sequence[Event]) -> None:

@@ -23,11 +23,11 @@ from somaagent.core.clock import utcnow
 from somaagent.core.errors import SomaError, Unauthenticated
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
+from somaagent.events.outbox import audit
 from somaagent.identity import mfa
 from somaagent.identity.capabilities import ROLE_CAPABILITIES, Capability, capabilities_of_role
 from somaagent.identity.passwords import hash_secret, needs_rehash, verify_secret
 from somaagent.identity.secret_box import SecretBox
-from somaagent.identity.service import audit
 from somaagent.identity.tables import RefreshToken, Tenant, User
 from somaagent.identity.throttle import (
     ThrottlePolicy,

@@ -21,10 +21,10 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from somaagent.core.errors import Conflict, Forbidden, InvalidRequest, NotFound, SomaError, Unauthenticated
 from somaagent.core.principal import Principal
+from somaagent.events.outbox import audit
 from somaagent.identity import totp
 from somaagent.identity.capabilities import Capability
 from somaagent.identity.secret_box import SecretBox
-from somaagent.identity.service import audit
 from somaagent.identity.tables import RecoveryCode, Tenant, User
 
 RECOVERY_CODE_COUNT = 10

@@ -14,8 +14,7 @@ from somaagent.core.clock import utcnow
 from somaagent.core.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import add_event
-from somaagent.events.schemas import AUDIT_EVENTS, Event
+from somaagent.events.outbox import audit
 from somaagent.identity.capabilities import (
     DEFAULT_KEY_ROLE,
     OPERATOR_CAPABILITIES,
@@ -37,11 +36,6 @@ class CreatedKey:
 
     key: ApiKey
     secret: str
-
-
-def audit(session: AsyncSession, actor: str, tenant_id: str | None, action: str, **data: object) -> None:
-    """Stage an `audit.events` event in the session's transaction (every identity change writes one)."""
-    add_event(session, Event(topic=AUDIT_EVENTS, type=action, tenant_id=tenant_id, actor=actor, data=data))
 
 
 def _require_admin(principal: Principal) -> None:
@@ -281,6 +275,23 @@ async def touch_keys(session: AsyncSession, last_used: dict[str, datetime]) -> N
     """Record when keys were last used (batched by the authenticator)."""
     for key_id, when in last_used.items():
         await session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=when))
+
+
+async def person_behind(session: AsyncSession, tenant_id: str, subject: str) -> str | None:
+    """The user (`user:<id>`) a credential acts for: a user themself, or whoever made the API key (and
+    the key that made it, and so on); None when no person is behind it (the CLI, an operator key)."""
+    seen: set[str] = set()
+    while subject.startswith("key:") and subject not in seen:
+        seen.add(subject)
+        creator = await session.scalar(
+            select(ApiKey.created_by).where(
+                ApiKey.id == subject[len("key:") :], ApiKey.tenant_id == tenant_id
+            )
+        )
+        if creator is None:
+            return None
+        subject = creator
+    return subject if subject.startswith("user:") else None
 
 
 def actor_of(principal: Principal | None) -> str:

@@ -28,8 +28,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.core.clock import utcnow
-from somaagent.events.outbox import add_event
-from somaagent.events.schemas import AUDIT_EVENTS, Event
+from somaagent.events.outbox import audit
 from somaagent.identity.secret_box import SecretBox
 from somaagent.identity.tables import SigningKey
 
@@ -219,15 +218,14 @@ async def rotate(
     row = await new_key_row(box, alg)
     session.add(row)
     # An operator action that concerns every tenant: the event has no tenant.
-    add_event(
+    audit(
         session,
-        Event(
-            topic=AUDIT_EVENTS,
-            type="signing_key.rotated",
-            tenant_id=None,
-            actor=actor,
-            data={"kid": row.kid, "alg": alg, "retired": [kid for kid, _ in retired]},
-        ),
+        actor,
+        None,
+        "signing_key.rotated",
+        kid=row.kid,
+        alg=alg,
+        retired=[kid for kid, _ in retired],
     )
     await session.flush()
     return Rotation(kid=row.kid, alg=alg, retired=retired)

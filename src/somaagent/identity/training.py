@@ -14,9 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from somaagent.core.clock import utcnow
 from somaagent.core.errors import Conflict, Locked, NotFound
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import BufferedEmitter
+from somaagent.events.outbox import BufferedEmitter, audit
 from somaagent.events.schemas import AUDIT_EVENTS, Event
-from somaagent.identity.service import audit
 from somaagent.identity.tables import TrainingLock
 
 

@@ -18,8 +18,9 @@ from somaagent.core.clock import utcnow
 from somaagent.core.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
+from somaagent.events.outbox import audit
 from somaagent.identity.capabilities import ROLES
-from somaagent.identity.service import actor_of, audit, get_tenant
+from somaagent.identity.service import actor_of, get_tenant
 from somaagent.identity.tables import TrustedIssuer
 
 CLAIM_NAME = re.compile(r"^[A-Za-z0-9_.:/#@-]{1,64}$")

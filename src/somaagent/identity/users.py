@@ -15,9 +15,10 @@ from somaagent.core.clock import utcnow
 from somaagent.core.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
+from somaagent.events.outbox import audit
 from somaagent.identity.capabilities import ROLES, may_assign_role
 from somaagent.identity.passwords import hash_secret, password_problem, verify_secret
-from somaagent.identity.service import actor_of, audit, get_tenant
+from somaagent.identity.service import actor_of, get_tenant
 from somaagent.identity.tables import User
 from somaagent.identity.throttle import account_key, clear
 

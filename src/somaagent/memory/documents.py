@@ -22,7 +22,7 @@ from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
 from somaagent.memory.chunking import Chunk, TokenCounter, chunk_sections
 from somaagent.memory.extraction import extract_text, sections_of
-from somaagent.memory.service import bump_version, check_namespace
+from somaagent.memory.service import Screen, bump_version, check_namespace
 from somaagent.memory.tables import MemoryDocument, MemoryDocumentChunk, MemoryItem
 
 QUEUED, PROCESSING, COMPLETED, FAILED = "queued", "processing", "completed", "failed"
@@ -57,9 +57,12 @@ class Upload:
 class DocumentIngest:
     """The request-path operations on documents."""
 
-    def __init__(self, settings: DocumentSettings, count_tokens: TokenCounter) -> None:
+    def __init__(
+        self, settings: DocumentSettings, count_tokens: TokenCounter, screen: Screen | None = None
+    ) -> None:
         self.settings = settings
         self._count = count_tokens
+        self._screen = screen  # the policy's check of a memory write, on the whole extracted text
 
     async def submit(
         self, session: AsyncSession, principal: Principal, upload: Upload, request_id: str
@@ -90,6 +93,8 @@ class DocumentIngest:
                 else ""
             )
             raise InvalidRequest(f"the document {name!r} has no text{hint}", param=upload.source)
+        if self._screen is not None:
+            await self._screen(principal, text, upload.namespace)
         now = utcnow()
         document = MemoryDocument(
             id=new_id("doc"),

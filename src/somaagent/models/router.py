@@ -61,6 +61,7 @@ class ModelRouter:
         spent = _Spent(request.model, ticket.prompt_bound if ticket else 0)
         try:
             result = await self._complete(models, request)
+            spent.streamed(result.model, result.message.content)
             spent.answered(result.model, result.usage.prompt_tokens, result.usage.completion_tokens)
             if ticket is None:
                 return result
@@ -112,8 +113,10 @@ class ModelRouter:
                 if released or chunk.tool_calls or chunk.finish_reason is not None or chunk.usage is not None:
                     yield replace(chunk, content=released or None)
         finally:
-            await chunks.aclose()
-            await ticket.settle(*spent.usage())
+            try:
+                await chunks.aclose()
+            finally:  # settled even if closing the model's stream was itself interrupted
+                await ticket.settle(*spent.usage())
 
     async def _stream(self, models: list[ChatModel], request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         failures: list[SomaError] = []
@@ -194,8 +197,8 @@ class _Admitted:
 
 class _Spent:
     """What a call used, for settling. The model's own counts when it reported them; nothing for a call
-    that failed before its first chunk; for a stream cut short, the prompt's bound and the bytes streamed
-    (no token is shorter than a byte): over, never under."""
+    that failed before its first chunk; for a stream cut short, or counts an upstream left out, the
+    prompt's bound and the bytes streamed (no token is shorter than a byte): over, never under."""
 
     __slots__ = ("_bound", "_reported", "_started", "_streamed", "model")
 
@@ -212,8 +215,9 @@ class _Spent:
             self._streamed += len(text.encode())
 
     def answered(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        # A zero is an upstream that reported nothing (no real prompt has no tokens): use the bounds.
         self.model, self._started = model, True
-        self._reported = (prompt_tokens, completion_tokens)
+        self._reported = (prompt_tokens or self._bound, completion_tokens or self._streamed)
 
     def usage(self) -> tuple[str, int, int]:
         if self._reported is not None:

@@ -29,8 +29,7 @@ from somaagent.core.clock import utcnow
 from somaagent.core.errors import BudgetExceeded, Conflict, InvalidRequest, NotFound
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import add_event
-from somaagent.events.schemas import AUDIT_EVENTS, Event
+from somaagent.events.outbox import audit
 from somaagent.policy.budget_stores import (
     BudgetRefused,
     BudgetStore,
@@ -437,22 +436,17 @@ class Budgets:
 
     @staticmethod
     def _audit(session: AsyncSession, principal: Principal, action: str, budget: BudgetInfo) -> None:
-        add_event(
+        audit(
             session,
-            Event(
-                topic=AUDIT_EVENTS,
-                type=action,
-                tenant_id=principal.tenant_id,
-                actor=principal.subject,
-                data={
-                    "budget_id": budget.id,
-                    "scope": budget.scope,
-                    "scope_id": budget.scope_id,
-                    "unit": budget.unit,
-                    "limit": budget.limit,
-                    "period": budget.period,
-                },
-            ),
+            principal.subject,
+            principal.tenant_id,
+            action,
+            budget_id=budget.id,
+            scope=budget.scope,
+            scope_id=budget.scope_id,
+            unit=budget.unit,
+            limit=budget.limit,
+            period=budget.period,
         )
 
 

@@ -27,8 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from somaagent.core.clock import utcnow
 from somaagent.core.errors import Conflict, InvalidRequest, NotFound, SomaError
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import add_event
-from somaagent.events.schemas import AUDIT_EVENTS, CONSTITUTION_UPDATED, Event
+from somaagent.events.outbox import add_event, audit
+from somaagent.events.schemas import CONSTITUTION_UPDATED, Event
 from somaagent.policy.constitution_document import (
     DEFAULT_CONSTITUTION,
     DocumentProblem,
@@ -294,16 +294,7 @@ class Constitutions:
                 data={"tenant_id": tenant_id, **facts},
             ),
         )
-        add_event(
-            session,
-            Event(
-                topic=AUDIT_EVENTS,
-                type="constitution.updated",
-                tenant_id=tenant_id,
-                actor=principal.subject,
-                data=facts,
-            ),
-        )
+        audit(session, principal.subject, tenant_id, "constitution.updated", **facts)
         try:
             await session.flush()
         except IntegrityError as exc:  # another writer took this version number first

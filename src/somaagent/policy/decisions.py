@@ -5,18 +5,20 @@ counting moderation strikes, and the output guard that checks model text while i
 May import: core, db, events, policy. Never: api, agents, models.
 
 Every decision emits one `policy.decisions` event naming exactly what was scanned: the action, the
-subject, the resource, how many characters, and the SHA-256 of the text (the text itself stays where
-it was written: events are fanned out widely and the text may be the very PII a rule found).
+subject, the resource, how many characters, and a keyed digest (HMAC-SHA256) of the text; the text
+itself stays where it was written: events are fanned out widely and the text may be the very PII a rule
+found.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -27,7 +29,7 @@ from somaagent.core.errors import PolicyDenied
 from somaagent.core.principal import Principal
 from somaagent.events.outbox import BufferedEmitter
 from somaagent.events.schemas import POLICY_DECISIONS, Event
-from somaagent.policy.constitution import Constitutions
+from somaagent.policy.constitution import ConstitutionInvalid, Constitutions
 from somaagent.policy.document import ApprovalSettings, PolicyDocument
 from somaagent.policy.evaluator import CompiledPolicy, Decision, EvalRequest, Reason
 from somaagent.policy.policies import get_policy
@@ -58,8 +60,12 @@ class PolicyService:
         strikes: Strikes,
         emitter: BufferedEmitter,
         ttl_s: float,
+        digest_key: bytes,
     ) -> None:
         self._sessions = sessions
+        # Keys the digest of scanned text in decision events: a plain SHA-256 of a short card number or
+        # an argument could be found again by trying every value.
+        self._digest_key = digest_key
         self._constitutions = constitutions
         self.strikes = strikes
         self._emitter = emitter
@@ -106,23 +112,32 @@ class PolicyService:
     async def evaluate(
         self, principal: Principal, request: EvalRequest, *, count_strikes: bool = True
     ) -> Decision:
-        """Decide `request` for the principal's tenant; never raises for a policy that cannot be evaluated
-        (the tenant's fail mode decides, closed by default)."""
+        """Decide `request` for the principal's tenant; never raises. A policy that cannot be evaluated
+        denies unless the tenant's policy fails open; a constitution that fails verification always denies.
+        A request about the caller itself gets the caller's capabilities in its context."""
         tenant_id = principal.tenant_id
-        locked = await self.strikes.locked_until(tenant_id, request.subject)
+        if request.subject == principal.subject and "capabilities" not in request.context:
+            request = replace(
+                request, context={**request.context, "capabilities": sorted(principal.capabilities)}
+            )
+        locked = None
         policy: CompiledPolicy | None = None
-        if locked is not None:
-            decision = await self._locked_decision(tenant_id, request.subject, locked)
-        else:
-            try:
+        try:
+            locked = await self.strikes.locked_until(tenant_id, request.subject)
+            if locked is not None:
+                decision = await self._locked_decision(tenant_id, request.subject, locked)
+            else:
                 policy = await self.compiled(tenant_id)
                 if len(request.content or "") > OFF_LOOP_CHARS:  # ~0.15 s per MB: not on the event loop
                     decision = await asyncio.to_thread(policy.evaluate, request)
                 else:
                     decision = policy.evaluate(request)
-            except Exception:
-                log.exception("policy evaluation failed for tenant %s (action %s)", tenant_id, request.action)
-                decision = self._failed_decision(tenant_id)
+        except ConstitutionInvalid as exc:  # the platform's rules cannot be trusted: no tenant opts out
+            log.error("tenant %s: %s; denying %s", tenant_id, exc.message, request.action)
+            decision = self._failed_decision(tenant_id, always_closed=True)
+        except Exception:
+            log.exception("policy evaluation failed for tenant %s (action %s)", tenant_id, request.action)
+            decision = self._failed_decision(tenant_id)
         scanned = request.content or ""
         self._emit(
             principal, request.action, request.subject, request.resource, scanned, len(scanned), decision
@@ -143,9 +158,9 @@ class PolicyService:
         tenant_id = principal.tenant_id
         try:
             policy = await self.compiled(tenant_id)
-        except Exception:
+        except Exception as exc:
             log.exception("policy could not be loaded for tenant %s's output", tenant_id)
-            decision = self._failed_decision(tenant_id)
+            decision = self._failed_decision(tenant_id, always_closed=isinstance(exc, ConstitutionInvalid))
             if not decision.allowed:
                 self._emit(principal, "model.output", principal.subject, None, "", 0, decision)
                 raise denied(decision, "model.output") from None
@@ -173,10 +188,10 @@ class PolicyService:
             policy_version=cached.policy.policy_version if cached else -1,
         )
 
-    def _failed_decision(self, tenant_id: str) -> Decision:
+    def _failed_decision(self, tenant_id: str, always_closed: bool = False) -> Decision:
         cached = self._cache.get(tenant_id)
         # The last fail mode this process knew for the tenant; none known: closed.
-        fail_closed = cached.policy.document.fail_closed if cached is not None else True
+        fail_closed = always_closed or (cached.policy.document.fail_closed if cached is not None else True)
         mode = "closed (denied)" if fail_closed else "open (allowed)"
         return Decision(
             allowed=not fail_closed,
@@ -223,7 +238,9 @@ class PolicyService:
                     "resource": resource,
                     "scanned": {
                         "chars": scanned_chars,
-                        "sha256": hashlib.sha256(scanned.encode()).hexdigest(),
+                        "hmac_sha256": hmac.new(
+                            self._digest_key, scanned.encode(), hashlib.sha256
+                        ).hexdigest(),
                     },
                     **decision.to_json(),
                 },

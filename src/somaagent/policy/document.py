@@ -190,16 +190,26 @@ def _has_repeat(items: Any, *, unbounded_only: bool) -> bool:
     return False
 
 
+def _has_branch(items: Any) -> bool:
+    """Whether `items` holds an alternation of more than single characters (`foo|bar`, `a|aa`)."""
+    for name, av in _walk(items):
+        if name == "BRANCH" or any(_has_branch(sub) for sub in _children(name, av)):
+            return True
+    return False
+
+
 def _nested_quantifier(items: Any) -> bool:
-    """Whether a repeated group contains another repetition that can split the same text many ways
-    (`(a+)+`, `(\\w+\\s?)*`, `(\\d{1,4})+`, `(.*x){20}`): the classic catastrophic-backtracking shape.
-    A heuristic: overlapping alternatives (`(a|ab)+`) are not caught; `([a-z]+\\.)+` is allowed."""
+    """Whether a repeated group contains another repetition, or alternatives, that can split the same
+    text many ways (`(a+)+`, `(\\w+\\s?)*`, `(\\d{1,4})+`, `(.*x){20}`, `(a|aa)+`): the shapes of
+    catastrophic backtracking. Repeated alternatives are refused whether or not they overlap (telling
+    overlap apart is hard; a keywords rule or a character class says the same safely);
+    `([a-z]+\\.)+` is allowed."""
     for name, av in _walk(items):
         if name in ("MAX_REPEAT", "MIN_REPEAT"):
             hi, body = av[1], av[2]
             if hi >= _UNBOUNDED and _has_repeat(body, unbounded_only=False):
                 return True
-            if hi >= _LARGE_BOUND and _has_repeat(body, unbounded_only=True):
+            if hi >= _LARGE_BOUND and (_has_repeat(body, unbounded_only=True) or _has_branch(body)):
                 return True
         if any(_nested_quantifier(sub) for sub in _children(name, av)):
             return True
@@ -218,9 +228,9 @@ def check_pattern(pattern: str) -> None:
     parsed = _sre_parser.parse(pattern)
     if _nested_quantifier(parsed):
         raise ValueError(
-            "`pattern` nests a repetition inside another (like `(a+)+` or `(\\w+\\s?)*`), which can take "
-            "exponential time on some texts; repeat a fixed-width group, or use a possessive quantifier "
-            "(`a++`) or an atomic group (`(?>...)`)"
+            "`pattern` nests a repetition or alternatives inside a repetition (like `(a+)+`, `(\\w+\\s?)*` "
+            "or `(a|aa)+`), which can take exponential time on some texts; repeat a fixed-width group, use "
+            "a possessive quantifier (`a++`) or an atomic group (`(?>...)`), or list words in a keywords rule"
         )
     if parsed.getwidth()[0] == 0:
         raise ValueError(

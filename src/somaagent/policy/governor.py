@@ -27,17 +27,29 @@ from somaagent.policy.ratelimit import RateLease, RateLimiter
 log = logging.getLogger(__name__)
 
 
+# Settles and give-backs running past their caller's cancellation: the loop keeps only weak references.
+_IN_FLIGHT: set[asyncio.Future[None]] = set()
+
+
+def _keep(work: asyncio.Future[None]) -> asyncio.Future[None]:
+    _IN_FLIGHT.add(work)
+    work.add_done_callback(_IN_FLIGHT.discard)
+    return work
+
+
 class GovernedCall:
     """One admitted call: checks its output, then settles exactly once."""
 
     def __init__(
         self,
-        governor: ModelCallGovernor,
+        limiter: RateLimiter,
+        budgets: Budgets,
         lease: RateLease | None,
         reservation: Reservation | None,
         guard: OutputGuard | None,
     ) -> None:
-        self._governor = governor
+        self._limiter = limiter
+        self._budgets = budgets
         self._lease = lease
         self._reservation = reservation
         self._guard = guard
@@ -56,8 +68,21 @@ class GovernedCall:
         if self._settled:
             return
         self._settled = True
-        work = asyncio.ensure_future(self._governor.settle(self, model, prompt_tokens, completion_tokens))
-        await asyncio.shield(work)
+        await asyncio.shield(
+            _keep(asyncio.ensure_future(self._settle(model, prompt_tokens, completion_tokens)))
+        )
+
+    async def _settle(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        try:
+            if self._reservation is not None:
+                await self._budgets.settle(self._reservation, prompt_tokens, completion_tokens, model=model)
+        except Exception:  # the sweeper settles it (in full) once it expires
+            log.exception("could not settle budget reservation for %s", model)
+        try:
+            if self._lease is not None:
+                await self._limiter.release(self._lease, prompt_tokens + completion_tokens)
+        except Exception:  # the lease's deadline frees it
+            log.exception("could not release a rate-limit lease for %s", model)
 
 
 class ModelCallGovernor:
@@ -80,7 +105,20 @@ class ModelCallGovernor:
     async def admit(
         self, principal: Principal, kind: str, models: list[str], prompt_tokens: int, max_output_tokens: int
     ) -> GovernedCall:
-        """Take the rate limits and reserve the budgets, or raise `RateLimited` / `BudgetExceeded`."""
+        """Take the rate limits and reserve the budgets, or raise `RateLimited` / `BudgetExceeded`.
+
+        Admission runs shielded: a caller cancelled half way (the client left) must not leave a lease or a
+        reservation behind that nobody settles; what a finished admission took is given back at once."""
+        work = asyncio.ensure_future(self._admit(principal, kind, models, prompt_tokens, max_output_tokens))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            work.add_done_callback(_give_back)
+            raise
+
+    async def _admit(
+        self, principal: Principal, kind: str, models: list[str], prompt_tokens: int, max_output_tokens: int
+    ) -> GovernedCall:
         scopes = await self._limits.for_principal(principal)
         lease = None
         if scopes:
@@ -93,29 +131,11 @@ class ModelCallGovernor:
             if kind == "chat":
                 guard = await self._policy.output_guard(principal, {"model": models[0] if models else None})
         except BaseException:
-            if reservation is not None:
-                await self._budgets.settle(reservation, 0, 0)
-            if lease is not None:
-                await self._limiter.release(lease, 0)
+            await GovernedCall(self._limiter, self._budgets, lease, reservation, None).settle("", 0, 0)
             raise
         if lease is not None:
             add_response_headers(lease.headers)
-        return GovernedCall(self, lease, reservation, guard)
-
-    async def settle(
-        self, call: GovernedCall, model: str, prompt_tokens: int, completion_tokens: int
-    ) -> None:
-        """Settle the budgets to the real usage and free the rate-limit lease."""
-        try:
-            if call._reservation is not None:
-                await self._budgets.settle(call._reservation, prompt_tokens, completion_tokens, model=model)
-        except Exception:  # the sweeper settles it (in full) once it expires
-            log.exception("could not settle budget reservation for %s", model)
-        try:
-            if call._lease is not None:
-                await self._limiter.release(call._lease, prompt_tokens + completion_tokens)
-        except Exception:  # the lease's deadline frees it
-            log.exception("could not release a rate-limit lease for %s", model)
+        return GovernedCall(self._limiter, self._budgets, lease, reservation, guard)
 
     async def _priciest(self, models: Sequence[str], prompt_tokens: int, max_output_tokens: int) -> str:
         """The candidate whose worst case costs most (a fallback may answer): reserving its price covers
@@ -129,3 +149,10 @@ class ModelCallGovernor:
                 return model
             costs.append((cost_micros(price, prompt_tokens, max_output_tokens), model))
         return max(costs)[1]
+
+
+def _give_back(work: asyncio.Future[GovernedCall]) -> None:
+    """After an admission whose caller was cancelled: release what it took, if it took anything."""
+    if work.cancelled() or work.exception() is not None:
+        return
+    _keep(asyncio.ensure_future(work.result().settle("", 0, 0)))

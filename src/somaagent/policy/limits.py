@@ -22,8 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from somaagent.core.clock import utcnow
 from somaagent.core.errors import InvalidRequest, NotFound
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import add_event
-from somaagent.events.schemas import AUDIT_EVENTS, Event
+from somaagent.events.outbox import audit
 from somaagent.policy.ratelimit import SCOPES, ScopeLimits
 from somaagent.policy.tables import RateLimitSetting
 
@@ -209,13 +208,12 @@ class RateLimits:
     def _audit(
         session: AsyncSession, principal: Principal, action: str, scope: str, scope_id: str, **data: object
     ) -> None:
-        add_event(
+        audit(
             session,
-            Event(
-                topic=AUDIT_EVENTS,
-                type=action,
-                tenant_id=principal.tenant_id,
-                actor=principal.subject,
-                data={"scope": scope, "scope_id": scope_id, **data},
-            ),
+            principal.subject,
+            principal.tenant_id,
+            action,
+            scope=scope,
+            scope_id=scope_id,
+            **data,
         )

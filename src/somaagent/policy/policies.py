@@ -17,8 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from somaagent.core.clock import utcnow
 from somaagent.core.errors import Conflict, InvalidRequest, NotFound
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import add_event
-from somaagent.events.schemas import AUDIT_EVENTS, Event
+from somaagent.events.outbox import audit
 from somaagent.policy.document import PolicyDocument, Rule, parse_policy
 from somaagent.policy.tables import PolicyVersion
 
@@ -98,16 +97,7 @@ async def put_policy(
             created_by=principal.subject,
         )
     )
-    add_event(
-        session,
-        Event(
-            topic=AUDIT_EVENTS,
-            type=change,
-            tenant_id=tenant_id,
-            actor=principal.subject,
-            data={"version": version, "rules": len(document.rules)},
-        ),
-    )
+    audit(session, principal.subject, tenant_id, change, version=version, rules=len(document.rules))
     try:
         await session.flush()
     except IntegrityError as exc:  # another admin wrote the same version number first

@@ -20,8 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from somaagent.core.clock import utcnow
 from somaagent.core.errors import Conflict, InvalidRequest
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import add_event
-from somaagent.events.schemas import AUDIT_EVENTS, Event
+from somaagent.events.outbox import audit
 from somaagent.policy.tables import ModelPrice
 
 MICROS_PER_USD = 1_000_000
@@ -138,20 +137,15 @@ class PriceBook:
                 f"the price of {model!r} was changed at the same moment; send the request again",
                 code="price_conflict",
             ) from exc
-        add_event(
+        audit(
             session,
-            Event(
-                topic=AUDIT_EVENTS,
-                type="price.set",
-                tenant_id=None,
-                actor=principal.subject,
-                data={
-                    "model": model,
-                    "version": row.version,
-                    "prompt_micros_per_mtok": prompt_micros_per_mtok,
-                    "completion_micros_per_mtok": completion_micros_per_mtok,
-                },
-            ),
+            principal.subject,
+            None,
+            "price.set",
+            model=model,
+            version=row.version,
+            prompt_micros_per_mtok=prompt_micros_per_mtok,
+            completion_micros_per_mtok=completion_micros_per_mtok,
         )
         self.invalidate(model)
         return _price(row)

@@ -18,9 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError, RedisError
 
 from somaagent.core.errors import Overloaded
 
@@ -46,7 +44,8 @@ class Script:
             raise counters_unreachable() from exc
 
 
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
+# Any Redis failure (down, timing out, read-only, out of memory): the counters cannot be used.
+UNREACHABLE = (RedisError,)
 
 
 def counters_unreachable() -> Overloaded:

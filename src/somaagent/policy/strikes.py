@@ -13,15 +13,14 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.core.clock import utcnow
 from somaagent.core.errors import NotFound
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import add_event
-from somaagent.events.schemas import AUDIT_EVENTS, Event
+from somaagent.events.outbox import audit
 from somaagent.policy.document import ModerationSettings
 from somaagent.policy.tables import ModerationStrike
 
@@ -66,16 +65,19 @@ class Strikes:
         now = utcnow()
         window_start = now - timedelta(seconds=settings.window_s)
         async with self._sessions() as session, session.begin():
-            # A window that has passed starts again at one; otherwise count up (one statement each, so
-            # concurrent denials on several replicas all count).
+            # A window that has passed, or a lockout served, starts again at one; otherwise count up (one
+            # statement each, so concurrent denials on several replicas all count).
             restarted = await session.execute(
                 update(ModerationStrike)
                 .where(
                     ModerationStrike.tenant_id == tenant_id,
                     ModerationStrike.subject == subject,
-                    ModerationStrike.window_started_at < window_start,
+                    or_(
+                        ModerationStrike.window_started_at < window_start,
+                        ModerationStrike.locked_until < now,
+                    ),
                 )
-                .values(count=1, window_started_at=now, updated_at=now)
+                .values(count=1, window_started_at=now, locked_until=None, updated_at=now)
             )
             if restarted.rowcount == 0:  # type: ignore[attr-defined]
                 counted = await session.execute(
@@ -89,19 +91,14 @@ class Strikes:
             assert row is not None
             if row.count >= settings.threshold and (row.locked_until is None or row.locked_until < now):
                 row.locked_until = now + timedelta(seconds=settings.lockout_s)
-                add_event(
+                audit(
                     session,
-                    Event(
-                        topic=AUDIT_EVENTS,
-                        type="moderation.locked",
-                        tenant_id=tenant_id,
-                        actor="policy",
-                        data={
-                            "subject": subject,
-                            "strikes": row.count,
-                            "locked_until": row.locked_until.isoformat(),
-                        },
-                    ),
+                    "policy",
+                    tenant_id,
+                    "moderation.locked",
+                    subject=subject,
+                    strikes=row.count,
+                    locked_until=row.locked_until.isoformat(),
                 )
             state = _state(row)
         self._locks[(tenant_id, subject)] = (time.monotonic(), state.locked_until)
@@ -131,15 +128,13 @@ class Strikes:
                     ModerationStrike.tenant_id == principal.tenant_id, ModerationStrike.subject == subject
                 )
             )
-            add_event(
+            audit(
                 session,
-                Event(
-                    topic=AUDIT_EVENTS,
-                    type="moderation.reset",
-                    tenant_id=principal.tenant_id,
-                    actor=principal.subject,
-                    data={"subject": subject, "strikes": state.count},
-                ),
+                principal.subject,
+                principal.tenant_id,
+                "moderation.reset",
+                subject=subject,
+                strikes=state.count,
             )
         self._locks.pop((principal.tenant_id, subject), None)
         return state

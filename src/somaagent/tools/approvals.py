@@ -32,8 +32,7 @@ from somaagent.core.clock import utcnow
 from somaagent.core.errors import Conflict, Forbidden, NotFound, PolicyDenied, SomaError
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import add_event
-from somaagent.events.schemas import AUDIT_EVENTS, Event
+from somaagent.events.outbox import audit
 from somaagent.tools.approval_rules import ApprovalSettingsFor, Requirement, requirement
 from somaagent.tools.manifest import validate_arguments
 from somaagent.tools.registry import (
@@ -216,7 +215,7 @@ class ApprovalGate:
         )
         async with self._sessions() as db, db.begin():
             db.add(row)
-            add_event(db, _audit(row, "approval.requested", principal.subject))
+            _audit(db, row, "approval.requested", principal.subject)
         self._committed()
         return row
 
@@ -261,7 +260,7 @@ class ApprovalGate:
                 )
             ).first()
             if closed is not None:
-                add_event(db, _audit(closed, f"approval.{status}", _SYSTEM))
+                _audit(db, closed, f"approval.{status}", _SYSTEM)
         if closed is not None:
             self._committed()
         return closed is not None
@@ -273,15 +272,21 @@ class ApprovalGate:
     # --- deciding, reading -------------------------------------------------------------------------
 
     async def decide(
-        self, principal: Principal, approval_id: str, decision: Decision, note: str | None
+        self,
+        principal: Principal,
+        approval_id: str,
+        decision: Decision,
+        note: str | None,
+        requester_person: str | None = None,
     ) -> Approval:
-        """Approve or reject a pending approval of the caller's tenant (audited in the same transaction)."""
+        """Approve or reject a pending approval of the caller's tenant (audited in the same transaction).
+        `requester_person`: the user behind the credential that asked (`user:<id>`), for two-key approvals."""
         await self.expire_overdue(principal.tenant_id)
         row = await self.get(principal, approval_id)
         if row.status != "pending":
             raise _not_pending(row)
         if decision == "approve" and row.two_key:
-            await self._check_second_key(principal, row)
+            await self._check_second_key(principal, row, requester_person)
         status = "approved" if decision == "approve" else "rejected"
         async with self._sessions() as db, db.begin():
             decided = (
@@ -298,7 +303,7 @@ class ApprovalGate:
                 )
             ).first()
             if decided is not None:
-                add_event(db, _audit(decided, f"approval.{status}", principal.subject))
+                _audit(db, decided, f"approval.{status}", principal.subject)
         if decided is None:  # decided, or expired, since it was read
             await self.expire_overdue(principal.tenant_id)
             raise _not_pending(await self.get(principal, approval_id))
@@ -308,10 +313,18 @@ class ApprovalGate:
             wake.set()
         return decided
 
-    async def _check_second_key(self, principal: Principal, row: Approval) -> None:
-        if principal.subject == row.requested_by or (
-            principal.user_id is not None and row.requested_by == f"user:{principal.user_id}"
-        ):
+    async def _check_second_key(
+        self, principal: Principal, row: Approval, requester_person: str | None
+    ) -> None:
+        # Two people, not two credentials: the approver signs in as a user, and is neither the caller nor
+        # the person whose API key the caller is.
+        if principal.user_id is None:
+            raise Forbidden(
+                f"approval {row.id} is two-key: a person approves it, signed in as a user (an access token "
+                "from POST /v1/auth/token), not with an API key",
+                code="four_eyes_required",
+            )
+        if f"user:{principal.user_id}" in (row.requested_by, requester_person):
             raise Forbidden(
                 f"approval {row.id} is two-key: it must be approved by someone other than who asked for "
                 "the call",
@@ -397,7 +410,7 @@ class ApprovalGate:
                 )
             ).all()
             for row in expired:
-                add_event(db, _audit(row, "approval.expired", _SYSTEM))
+                _audit(db, row, "approval.expired", _SYSTEM)
         if expired:
             self._committed()
         return len(expired)
@@ -432,26 +445,24 @@ def _not_pending(row: Approval) -> ApprovalNotPending:
     return error
 
 
-def _audit(row: Approval, action: str, actor: str) -> Event:
+def _audit(session: AsyncSession, row: Approval, action: str, actor: str) -> None:
     """The `audit.events` fact of one step of an approval (a digest of the arguments, never them)."""
-    return Event(
-        topic=AUDIT_EVENTS,
-        type=action,
-        tenant_id=row.tenant_id,
-        actor=actor,
-        data={
-            "approval_id": row.id,
-            "tool": row.tool,
-            "side_effect": row.side_effect,
-            "two_key": row.two_key,
-            "session_id": row.session_id,
-            "run_id": row.run_id,
-            "call_id": row.call_id,
-            "args_sha256": arguments_digest(row.arguments),
-            "requested_by": row.requested_by,
-            "status": row.status,
-            "note": row.note,
-        },
+    audit(
+        session,
+        actor,
+        row.tenant_id,
+        action,
+        approval_id=row.id,
+        tool=row.tool,
+        side_effect=row.side_effect,
+        two_key=row.two_key,
+        session_id=row.session_id,
+        run_id=row.run_id,
+        call_id=row.call_id,
+        args_sha256=arguments_digest(row.arguments),
+        requested_by=row.requested_by,
+        status=row.status,
+        note=row.note,
     )
 
 

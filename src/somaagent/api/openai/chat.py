@@ -153,7 +153,7 @@ def chat_input(principal: Principal, chat: ChatRequest) -> EvalRequest:
         principal.subject,
         f"model:{chat.model}",
         content,
-        {"model": chat.model, "capabilities": sorted(principal.capabilities)},
+        {"model": chat.model},
     )
 
 
