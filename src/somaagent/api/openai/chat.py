@@ -146,8 +146,11 @@ async def _sse(
 
 
 def chat_input(principal: Principal, chat: ChatRequest) -> EvalRequest:
-    """The `chat.input` check of a completion: every message's text, as one content."""
-    content = "\n".join(m.content for m in chat.messages if m.content)
+    """The `chat.input` check of a completion: every message's text and tool-call arguments, as one
+    content."""
+    pieces = [m.content for m in chat.messages if m.content]
+    pieces += [call.arguments for m in chat.messages for call in m.tool_calls]
+    content = "\n".join(pieces)
     return EvalRequest(
         "chat.input",
         principal.subject,
