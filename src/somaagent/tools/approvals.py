@@ -140,19 +140,19 @@ class ApprovalGate:
     ) -> ToolOutcome:
         started = time.perf_counter()
         row = await self._request(status, context, arguments_json, needed, ttl_s)
-        if context.record is not None:
-            await context.record(
-                "approval.required",
-                {
-                    "approval_id": row.id,
-                    "tool": row.tool,
-                    "args": arguments,
-                    "reason": row.reason,
-                    "expires_at": row.expires_at.isoformat(),
-                    "two_key": row.two_key,
-                },
-            )
-        try:
+        try:  # from here on, a run that ends (cancelled, timed out) takes its approval with it
+            if context.record is not None:
+                await context.record(
+                    "approval.required",
+                    {
+                        "approval_id": row.id,
+                        "tool": row.tool,
+                        "args": arguments,
+                        "reason": row.reason,
+                        "expires_at": row.expires_at.isoformat(),
+                        "two_key": row.two_key,
+                    },
+                )
             decided = await self._wait(row.tenant_id, row.id)
         except asyncio.CancelledError:
             # The run was cancelled or timed out: nobody may approve a call that can no longer run.
