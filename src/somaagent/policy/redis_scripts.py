@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import (
+    BusyLoadingError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from somaagent.core.errors import Overloaded
 
@@ -44,8 +52,17 @@ class Script:
             raise counters_unreachable() from exc
 
 
-# Any Redis failure (down, timing out, read-only, out of memory): the counters cannot be used.
-UNREACHABLE = (RedisError,)
+# Redis down, not answering, or unable to write (a read-only replica, out of memory, still loading,
+# refusing our credentials): the counters cannot be used. A script's own error (a duplicate lease id)
+# is a bug and stays one.
+UNREACHABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ReadOnlyError,
+    OutOfMemoryError,
+    BusyLoadingError,
+    NoPermissionError,
+)
 
 
 def counters_unreachable() -> Overloaded:
