@@ -57,22 +57,21 @@ class ModelRouter:
     async def complete(self, principal: Principal, request: ChatRequest) -> ChatResult:
         """A whole answer from the first model that gives one (checked whole by the guard)."""
         models = await self.candidates(principal, request.model)
-        ticket = await self._admit(principal, request, models)
-        spent = _Spent(request.model, ticket.prompt_bound if ticket else 0)
+        admitted = await self._admit(principal, request, models)
+        if admitted is None:
+            return await self._complete(models, request)
+        ticket = admitted.ticket
+        spent = _Spent(request.model, admitted.prompt_bound)
         try:
             result = await self._complete(models, request)
             spent.streamed(result.model, result.message.content)
             spent.answered(result.model, result.usage.prompt_tokens, result.usage.completion_tokens)
-            if ticket is None:
-                return result
-            content = result.message.content or ""
-            checked = await ticket.ticket.output(content) + await ticket.ticket.finish_output()
+            checked = await ticket.output(result.message.content or "") + await ticket.finish_output()
             if result.message.content is None:
                 return result
             return replace(result, message=replace(result.message, content=checked))
         finally:
-            if ticket is not None:
-                await ticket.ticket.settle(*spent.usage())
+            await ticket.settle(*spent.usage())
 
     async def _complete(self, models: list[ChatModel], request: ChatRequest) -> ChatResult:
         failures: list[SomaError] = []
@@ -97,8 +96,11 @@ class ModelRouter:
         admitted = await self._admit(principal, request, models)
         chunks = self._stream(models, request)
         if admitted is None:
-            async for chunk in chunks:
-                yield chunk
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                await chunks.aclose()
             return
         ticket = admitted.ticket
         spent = _Spent(request.model, admitted.prompt_bound)
