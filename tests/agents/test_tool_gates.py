@@ -10,12 +10,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from somaagent.agents.event_log import LiveStreams, read_events
-from somaagent.agents.recorder import RunRecorder
-from somaagent.agents.tables import AgentSession
+from somaagent.agents.event_log import read_events
 from somaagent.agents.tool_gates import PolicyEvaluate, policy_gate
-from somaagent.core.clock import utcnow
-from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
 from somaagent.identity.capabilities import ROLE_CAPABILITIES
 from somaagent.policy.document import ApprovalSettings, PolicyDocument, parse_rules
@@ -25,6 +21,7 @@ from somaagent.tools.approvals import ApprovalGate
 from somaagent.tools.builtins import builtin_tools, signing_key_from_secret
 from somaagent.tools.manifest import trusted_keys_from
 from somaagent.tools.registry import ToolContext, ToolRegistry, ToolStatus
+from tests.support.runs import run_context
 
 PRINCIPAL = Principal("ten_gates", "gates", "key:member", "member", ROLE_CAPABILITIES["member"])
 RULES = parse_rules(
@@ -69,34 +66,12 @@ def evaluate_with(policy: CompiledPolicy) -> PolicyEvaluate:
     return evaluate
 
 
-async def run_context(sessions: async_sessionmaker[AsyncSession]) -> tuple[ToolContext, RunRecorder]:
-    session_id, run_id, now = new_id("ses"), new_id("run"), utcnow()
-    async with sessions() as db, db.begin():
-        db.add(
-            AgentSession(
-                id=session_id,
-                tenant_id=PRINCIPAL.tenant_id,
-                meta={},
-                last_seq=0,
-                active_run_id=run_id,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-    recorder = RunRecorder(sessions, LiveStreams(), PRINCIPAL.tenant_id, session_id, run_id, 1)
-
-    async def record(type_: str, data: dict[str, Any]) -> None:
-        await recorder.record(type_, data)
-
-    return ToolContext(PRINCIPAL, session_id, run_id, {}, call_id="call_1", record=record), recorder
-
-
 async def test_a_denied_call_does_not_run_and_the_run_log_has_the_decision(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     registry, tools = builtins()
     gated = policy_gate(evaluate_with(POLICY), registry.call)
-    context, recorder = await run_context(sessions)
+    context, recorder = await run_context(sessions, PRINCIPAL)
 
     outcome = await gated(tools["current_time"], context, '{"timezone": "Asia/Tokyo"}')
     assert outcome.is_error and outcome.error_code == "policy_denied"
@@ -132,7 +107,7 @@ async def test_a_denied_call_does_not_run_and_the_run_log_has_the_decision(
 async def test_an_allowed_call_passes_through(sessions: async_sessionmaker[AsyncSession]) -> None:
     registry, tools = builtins()
     gated = policy_gate(evaluate_with(POLICY), registry.call)
-    context, recorder = await run_context(sessions)
+    context, recorder = await run_context(sessions, PRINCIPAL)
     outcome = await gated(tools["current_time"], context, '{"timezone": "Europe/Paris"}')
     assert not outcome.is_error and json.loads(outcome.content)["timezone"] == "Europe/Paris"
     async with sessions() as db:
@@ -147,7 +122,7 @@ async def test_the_policy_decides_before_anyone_is_asked(sessions: async_session
 
     approvals = ApprovalGate(sessions, every_call_waits, ttl_s=60)
     chain = policy_gate(evaluate_with(POLICY), approvals.wrap(registry.call))  # as the app composes it
-    context, _ = await run_context(sessions)
+    context, _ = await run_context(sessions, PRINCIPAL)
     outcome = await chain(tools["current_time"], context, '{"timezone": "Asia/Tokyo"}')
     assert outcome.error_code == "policy_denied"
     assert await approvals.list_approvals(PRINCIPAL, None, None, 10, None) == []

@@ -14,12 +14,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from somaagent.agents.event_log import LiveStreams, read_events
+from somaagent.agents.event_log import read_events
 from somaagent.agents.recorder import RunRecorder
-from somaagent.agents.tables import AgentSession
-from somaagent.core.clock import utcnow
 from somaagent.core.errors import Forbidden, NotFound, PolicyDenied
-from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
 from somaagent.db.engine import create_engine, session_factory
 from somaagent.events.schemas import AUDIT_EVENTS
@@ -33,6 +30,7 @@ from somaagent.tools.builtins import builtin_tools, signing_key_from_secret
 from somaagent.tools.manifest import trusted_keys_from
 from somaagent.tools.registry import ToolContext, ToolOutcome, ToolRegistry, ToolStatus
 from somaagent.tools.tables import Approval
+from tests.support.runs import run_context
 
 ADMIN = ROLE_CAPABILITIES["admin"]
 REQUESTER = Principal("ten_gate", "gate", "key:requester", "requester", ADMIN)
@@ -60,32 +58,6 @@ def rules(settings: ApprovalSettings) -> Any:
         return settings
 
     return of_tenant
-
-
-async def run_context(
-    sessions: async_sessionmaker[AsyncSession], principal: Principal
-) -> tuple[ToolContext, RunRecorder]:
-    """A context whose `record` writes into a real session's run log, as the agent loop's does."""
-    session_id, run_id, now = new_id("ses"), new_id("run"), utcnow()
-    async with sessions() as db, db.begin():
-        db.add(
-            AgentSession(
-                id=session_id,
-                tenant_id=principal.tenant_id,
-                meta={},
-                last_seq=0,
-                active_run_id=run_id,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-    recorder = RunRecorder(sessions, LiveStreams(), principal.tenant_id, session_id, run_id, 1)
-
-    async def record(type_: str, data: dict[str, Any]) -> None:
-        await recorder.record(type_, data)
-
-    context = ToolContext(principal, session_id, run_id, {}, call_id=new_id("call"), record=record)
-    return context, recorder
 
 
 async def logged(sessions: async_sessionmaker[AsyncSession], recorder: RunRecorder) -> list[Any]:
