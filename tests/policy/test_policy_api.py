@@ -420,3 +420,39 @@ def test_constitution_rules_bind_and_a_session_learns_of_a_new_constitution(
     assert changed["reevaluated"]["allowed"] is True
     third = _run(tenant.http, session_id, "And again", max_tokens=4, temperature=0)
     assert not any(e["type"] == "constitution.changed" for e in third)  # told once
+
+
+def test_documents_and_imported_histories_are_checked_too(tenant: TenantCtx) -> None:
+    put_policy(
+        tenant.http,
+        {
+            "rules": [
+                {
+                    "id": "cards",
+                    "kind": "pii",
+                    "detectors": ["card"],
+                    "actions": ["memory.write", "run.input"],
+                }
+            ]
+        },
+    )
+    document = {"name": "cards.txt", "text": f"the corporate card is {CARD}", "media_type": "text/plain"}
+    refused = tenant.http.post("/v1/memory/documents", json=document)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "policy_denied"
+    assert tenant.http.get("/v1/memory/documents").json()["data"] == []  # nothing was stored
+
+    assert (
+        tenant.http.post(
+            "/v1/personas", json={"name": "plain", "tools": [], "memory": {"recall": False, "remember": []}}
+        ).status_code
+        == 201
+    )
+    imported = tenant.http.post(
+        "/v1/sessions/import",
+        json={"persona": "plain", "messages": [{"role": "user", "content": f"remember my card {CARD}"}]},
+    )
+    assert imported.status_code == 201, imported.text
+    # The history no rule has seen is decided on the session's first run, and refused with it.
+    run = tenant.http.post(f"/v1/sessions/{imported.json()['id']}/messages", json={"content": "hello"})
+    assert run.status_code == 403 and run.json()["error"]["code"] == "policy_denied"
+    assert "history" in run.json()["error"]["message"]
