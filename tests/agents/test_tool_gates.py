@@ -18,10 +18,7 @@ from somaagent.policy.document import ApprovalSettings, PolicyDocument, parse_ru
 from somaagent.policy.evaluator import CompiledPolicy, Decision, EvalRequest
 from somaagent.tools.approval_rules import ApprovalRules
 from somaagent.tools.approvals import ApprovalGate
-from somaagent.tools.builtins import builtin_tools, signing_key_from_secret
-from somaagent.tools.manifest import trusted_keys_from
-from somaagent.tools.registry import ToolContext, ToolRegistry, ToolStatus
-from tests.support.runs import run_context
+from tests.support.runs import builtins, run_context
 
 PRINCIPAL = Principal("ten_gates", "gates", "key:member", "member", ROLE_CAPABILITIES["member"])
 RULES = parse_rules(
@@ -38,20 +35,6 @@ RULES = parse_rules(
     ]
 )
 POLICY = CompiledPolicy.compile([], PolicyDocument(rules=RULES), "d" * 64, 3)
-
-
-async def _no_memory(_context: ToolContext, _query: str, _top_k: int) -> list[tuple[str, str, float]]:
-    return []
-
-
-def builtins() -> tuple[ToolRegistry, dict[str, ToolStatus]]:
-    key = signing_key_from_secret(b"tool gate tests")
-    registry = ToolRegistry(trusted_keys_from(key.public_key()))
-    statuses = {}
-    for tool in builtin_tools(key, _no_memory):
-        registry.register(tool)
-        statuses[tool.name] = ToolStatus(tool, True, {})
-    return registry, statuses
 
 
 def evaluate_with(policy: CompiledPolicy) -> PolicyEvaluate:

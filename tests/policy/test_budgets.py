@@ -11,13 +11,12 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.core.clock import utcnow
@@ -44,25 +43,7 @@ from somaagent.policy.prices import Price, PriceBook, cost_micros
 on_session_loop = pytest.mark.asyncio(loop_scope="session")
 
 ROOT = Path(__file__).resolve().parents[2]
-REDIS_HINT = (
-    "Redis is not reachable at 127.0.0.1:6379; start it with `redis-server --bind 127.0.0.1 --daemonize yes`"
-)
 Sessions = async_sessionmaker[AsyncSession]
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[tuple[Redis, str]]:
-    client = Redis(host="127.0.0.1", port=6379)
-    try:
-        await client.ping()
-    except RedisConnectionError as exc:
-        raise RuntimeError(REDIS_HINT) from exc
-    prefix = f"test:{secrets.token_hex(6)}:"
-    yield client, prefix
-    keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 @pytest.fixture(params=["sql", "redis"])

@@ -1,4 +1,5 @@
-"""A run's tool context over a real session and run log, for tests of what wraps a tool call."""
+"""The built-in tools and a run's tool context over a real session and run log, for tests of what wraps
+a tool call."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from somaagent.agents.tables import AgentSession
 from somaagent.core.clock import utcnow
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
-from somaagent.tools.registry import ToolContext
+from somaagent.tools.builtins import builtin_tools, signing_key_from_secret
+from somaagent.tools.manifest import trusted_keys_from
+from somaagent.tools.registry import ToolContext, ToolRegistry, ToolStatus
 
 
 async def run_context(
@@ -39,3 +42,18 @@ async def run_context(
 
     context = ToolContext(principal, session_id, run_id, {}, call_id=new_id("call"), record=record)
     return context, recorder
+
+
+async def _no_memory(_context: ToolContext, _query: str, _top_k: int) -> list[tuple[str, str, float]]:
+    return []
+
+
+def builtins() -> tuple[ToolRegistry, dict[str, ToolStatus]]:
+    """A registry of the real built-in tools (memory search finds nothing), and each tool enabled."""
+    key = signing_key_from_secret(b"tool call tests")
+    registry = ToolRegistry(trusted_keys_from(key.public_key()))
+    statuses = {}
+    for tool in builtin_tools(key, _no_memory):
+        registry.register(tool)
+        statuses[tool.name] = ToolStatus(tool, True, {})
+    return registry, statuses

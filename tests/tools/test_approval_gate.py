@@ -26,31 +26,15 @@ from somaagent.policy.document import ApprovalSettings, PolicyDocument, parse_ru
 from somaagent.policy.evaluator import CompiledPolicy, Decision, EvalRequest
 from somaagent.tools.approval_rules import ApprovalRules, requirement
 from somaagent.tools.approvals import RUN_DEADLINE, ApprovalGate, ApprovalNotPending
-from somaagent.tools.builtins import builtin_tools, signing_key_from_secret
-from somaagent.tools.manifest import trusted_keys_from
-from somaagent.tools.registry import ToolContext, ToolOutcome, ToolRegistry, ToolStatus
+from somaagent.tools.registry import ToolOutcome, ToolStatus
 from somaagent.tools.tables import Approval
-from tests.support.runs import run_context
+from tests.support.runs import builtins, run_context
 
 ADMIN = ROLE_CAPABILITIES["admin"]
 REQUESTER = Principal("ten_gate", "gate", "key:requester", "requester", ADMIN)
 APPROVER = Principal("ten_gate", "gate", "key:approver", "approver", ADMIN)
 STRANGER = Principal("ten_other", "other", "key:stranger", "stranger", ADMIN)
 TOKYO = '{"timezone": "Asia/Tokyo"}'
-
-
-async def _no_memory(_context: ToolContext, _query: str, _top_k: int) -> list[tuple[str, str, float]]:
-    return []
-
-
-def builtins() -> tuple[ToolRegistry, dict[str, ToolStatus]]:
-    key = signing_key_from_secret(b"approval gate tests")
-    registry = ToolRegistry(trusted_keys_from(key.public_key()))
-    statuses = {}
-    for tool in builtin_tools(key, _no_memory):
-        registry.register(tool)
-        statuses[tool.name] = ToolStatus(tool, True, {})
-    return registry, statuses
 
 
 def rules(settings: ApprovalSettings) -> Any:
