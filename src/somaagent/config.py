@@ -190,6 +190,58 @@ class Settings(BaseSettings):
         default=900.0, gt=0, description="How long a human approval may be pending."
     )
 
+    # Event bus, billing, analytics, notifications.
+    event_bus: Literal["inprocess", "kafka", "nats"] = Field(
+        default="inprocess",
+        description="Where outbox events go: `inprocess` (this process's consumers), `kafka` "
+        "(SOMA_KAFKA_BOOTSTRAP) or `nats` (JetStream at SOMA_NATS_URL).",
+    )
+    kafka_bootstrap: str = Field(
+        default="127.0.0.1:9092", description="Kafka bootstrap servers for SOMA_EVENT_BUS=kafka."
+    )
+    nats_url: str = Field(
+        default="nats://127.0.0.1:4222", description="NATS server for SOMA_EVENT_BUS=nats.", repr=False
+    )
+    event_stream_prefix: str = Field(
+        default="soma",
+        description="Prefix of NATS subjects and streams (`soma.model.usage`), so several installations "
+        "can share a broker.",
+    )
+    event_consumer_attempts: int = Field(
+        default=3, ge=1, description="Times a consumer tries an event before it is dead-lettered."
+    )
+    outbox_retention_days: float = Field(
+        default=7.0, gt=0, description="Published outbox rows are kept this long, for `soma events replay`."
+    )
+    smtp_host: str = Field(default="127.0.0.1", description="SMTP server for the email channel.")
+    smtp_port: int = Field(default=25, description="SMTP port for the email channel.")
+    smtp_sender: str = Field(
+        default="somaagent@localhost", description="The From address of notification emails."
+    )
+    smtp_username: str | None = Field(default=None, description="SMTP login, if the server needs one.")
+    smtp_password: str | None = Field(default=None, description="SMTP password.", repr=False)
+    smtp_starttls: bool = Field(default=False, description="Upgrade the SMTP connection with STARTTLS.")
+    webhook_max_attempts: int = Field(
+        default=5, ge=1, description="Webhook deliveries tried this many times before the dead letter."
+    )
+    webhook_backoff_s: float = Field(
+        default=2.0, gt=0, description="First retry delay of a failed webhook; it doubles each attempt."
+    )
+    notifications_fanout: Literal["local", "redis"] | None = Field(
+        default=None,
+        description="How WebSocket pushes reach every replica: `local` (this process only) or `redis` "
+        "(pub/sub at SOMA_REDIS_URL). Unset: `redis` when SOMA_COUNTERS=redis, else `local`.",
+    )
+    anomaly_z_threshold: float = Field(
+        default=3.0, gt=0, description="How many standard deviations from the EWMA baseline is an anomaly."
+    )
+    anomaly_alpha: float = Field(
+        default=0.3, gt=0, lt=1, description="EWMA smoothing factor of the anomaly baselines."
+    )
+    anomaly_min_samples: int = Field(
+        default=6, ge=2, description="Hours of history a baseline needs before it flags anything."
+    )
+
     # HTTP edge.
     max_body_bytes: int = 4 * 1024 * 1024
     log_level: str = "INFO"

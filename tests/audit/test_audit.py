@@ -4,7 +4,7 @@ filters and paging, the consumer's idempotency and the database's refusal to cha
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -15,7 +15,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from somaagent.audit.consumer import AuditConsumer
+from somaagent.audit.consumer import append_audit
 from somaagent.audit.tables import AuditRecord
 from somaagent.events.schemas import AUDIT_EVENTS, Event
 from tests.conftest import TenantCtx
@@ -210,8 +210,18 @@ def audit_event(tenant: str | None, type_: str, **data: object) -> Event:
     return Event(topic=AUDIT_EVENTS, type=type_, tenant_id=tenant, actor="key:key_test", data=dict(data))
 
 
+def audit_consumer(sessions: async_sessionmaker[AsyncSession]) -> Callable[[list[Event]], Awaitable[None]]:
+    """The audit handler in a transaction of its own, as one delivery applies it."""
+
+    async def consume(events: list[Event]) -> None:
+        async with sessions() as session, session.begin():
+            await append_audit(session, events)
+
+    return consume
+
+
 async def test_redelivered_events_are_stored_once(sessions: async_sessionmaker[AsyncSession]) -> None:
-    consumer = AuditConsumer(sessions)
+    consumer = audit_consumer(sessions)
     events = [audit_event("ten_a", "api_key.created", key_id="k1"), audit_event(None, "tenant.created")]
     await consumer(events)
     await consumer(events)  # redelivered
@@ -232,7 +242,7 @@ async def test_the_database_refuses_to_update_or_delete_audit_rows(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     event = audit_event("ten_a", "api_key.revoked", key_id="k1")
-    await AuditConsumer(sessions)([event])
+    await audit_consumer(sessions)([event])
     statements = [
         update(AuditRecord).where(AuditRecord.id == event.id).values(type="api_key.created"),
         delete(AuditRecord).where(AuditRecord.id == event.id),
@@ -253,7 +263,7 @@ async def test_the_database_refuses_to_update_or_delete_audit_rows(
 async def test_postgres_refuses_to_truncate_the_audit_log(sessions: async_sessionmaker[AsyncSession]) -> None:
     # Row triggers do not see TRUNCATE; PostgreSQL needs a statement trigger too (SQLite has no TRUNCATE,
     # and its `DELETE FROM` without WHERE still fires row triggers, as the test above shows).
-    await AuditConsumer(sessions)([audit_event("ten_a", "tenant.created")])
+    await audit_consumer(sessions)([audit_event("ten_a", "tenant.created")])
     truncated: DBAPIError | None = None
     async with sessions() as session:
         if session.get_bind().dialect.name != "postgresql":

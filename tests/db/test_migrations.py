@@ -45,7 +45,7 @@ TABLES = {
     "audit_log",
     "alembic_version",
 }
-HEAD = "0006"
+HEAD = "0010"
 
 
 @pytest.fixture
@@ -99,7 +99,19 @@ def test_migrations_match_the_table_models(database_url: str) -> None:
         await engine.dispose()
         return list(found)
 
-    for domain in ("agents", "audit", "analytics", "events", "identity", "memory", "models", "tools"):
+    for domain in (
+        "agents",
+        "audit",
+        "analytics",
+        "billing",
+        "events",
+        "identity",
+        "memory",
+        "models",
+        "notifications",
+        "policy",
+        "tools",
+    ):
         importlib.import_module(f"somaagent.{domain}.tables")
 
     assert asyncio.run(diff()) == []

@@ -66,6 +66,8 @@ def test_password_login_gives_tokens_with_the_roles_capabilities(
         "memory:write",
         "tools:execute",
         "billing:read",
+        "analytics:read",
+        "notifications:read",
     }
     with httpx.Client(base_url=server.base_url, headers=bearer(body["access_token"]), timeout=30) as client:
         assert client.get("/v1/models").status_code == 200

@@ -7,41 +7,34 @@ from dataclasses import dataclass
 from datetime import date
 
 from sqlalchemy import case, func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from somaagent.analytics.tables import UsageRecord
 from somaagent.db.statements import insert_skipping_duplicates
 from somaagent.events.schemas import Event
 
 
-class UsageConsumer:
-    """Stores each `model.usage` event once, however often it is delivered."""
-
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
-        self._sessions = sessions
-
-    async def __call__(self, events: Sequence[Event]) -> None:
-        rows = [
-            {
-                "event_id": e.id,
-                "tenant_id": e.tenant_id,
-                "request_id": e.data["request_id"],
-                "key_id": e.data.get("key_id"),
-                "model": e.data["model"],
-                "kind": e.data.get("kind", "chat"),
-                "prompt_tokens": int(e.data.get("prompt_tokens", 0)),
-                "completion_tokens": int(e.data.get("completion_tokens", 0)),
-                "latency_ms": int(e.data.get("latency_ms", 0)),
-                "status": str(e.data.get("status", "ok")),
-                "occurred_at": e.occurred_at,
-                "day": e.occurred_at.date().isoformat(),
-            }
-            for e in events
-        ]
-        if not rows:
-            return
-        async with self._sessions() as session, session.begin():
-            await session.execute(insert_skipping_duplicates(session, UsageRecord, ["event_id"]), rows)
+async def store_usage(session: AsyncSession, events: Sequence[Event]) -> None:
+    """The `model.usage` handler: one usage record per event, however often it is delivered."""
+    rows = [
+        {
+            "event_id": e.id,
+            "tenant_id": e.tenant_id,
+            "request_id": e.data["request_id"],
+            "key_id": e.data.get("key_id"),
+            "model": e.data["model"],
+            "kind": e.data.get("kind", "chat"),
+            "prompt_tokens": int(e.data.get("prompt_tokens", 0)),
+            "completion_tokens": int(e.data.get("completion_tokens", 0)),
+            "latency_ms": int(e.data.get("latency_ms", 0)),
+            "status": str(e.data.get("status", "ok")),
+            "occurred_at": e.occurred_at,
+            "day": e.occurred_at.date().isoformat(),
+        }
+        for e in events
+    ]
+    if rows:
+        await session.execute(insert_skipping_duplicates(session, UsageRecord, ["event_id"]), rows)
 
 
 @dataclass(frozen=True, slots=True)

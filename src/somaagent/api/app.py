@@ -18,34 +18,39 @@ from somaagent.agents.event_log import LiveStreams
 from somaagent.agents.loop import AgentDeps
 from somaagent.agents.runs import RunEngine, RunSettings
 from somaagent.agents.tool_gates import approver_consent, policy_gate, tool_call_policy
-from somaagent.analytics.usage import UsageConsumer
+from somaagent.analytics.usage import store_usage
+from somaagent.api import analytics as analytics_api
 from somaagent.api import approvals as approvals_api
 from somaagent.api import audit as audit_api
 from somaagent.api import auth, health, jwks, memory_documents, mfa, personas, tools, usage, users
+from somaagent.api import billing as billing_api
 from somaagent.api import budgets as budgets_api
 from somaagent.api import constitution as constitution_api
 from somaagent.api import federation as federation_api
 from somaagent.api import mcp_servers as mcp_servers_api
 from somaagent.api import memory as memory_api
+from somaagent.api import notifications as notifications_api
 from somaagent.api import policy as policy_api
 from somaagent.api import prices as prices_api
 from somaagent.api import rate_limits as rate_limits_api
 from somaagent.api import sessions as sessions_api
 from somaagent.api import training as training_api
 from somaagent.api.admin import keys, profiles, tenants
+from somaagent.api.composition import Platform
 from somaagent.api.counters import build_counters
 from somaagent.api.errors import install_error_handlers
+from somaagent.api.event_bus import build_bus
 from somaagent.api.metering import record_model_call
 from somaagent.api.middleware import EdgeMiddleware
 from somaagent.api.openai import chat, embeddings, models
 from somaagent.api.services import Services
-from somaagent.audit.consumer import AuditConsumer
+from somaagent.audit.consumer import append_audit
 from somaagent.config import ModelSpec, Settings
 from somaagent.core.errors import UpstreamError
 from somaagent.core.principal import Principal
 from somaagent.db import migrate
 from somaagent.db.engine import create_engine, session_factory
-from somaagent.events.bus import InProcessBus
+from somaagent.events.consumers import ConsumerSpec
 from somaagent.events.outbox import BufferedEmitter
 from somaagent.events.relay import OutboxRelay
 from somaagent.events.schemas import AUDIT_EVENTS, MODEL_USAGE
@@ -208,11 +213,11 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     engine = create_engine(url)
     sessions = session_factory(engine)
     metrics = Metrics()
-    bus = InProcessBus()
+    bus = build_bus(settings, sessions)
     relay = OutboxRelay(sessions, bus)
     emitter = BufferedEmitter(sessions, settings.outbox_flush_ms, on_flushed=relay.deliver)
-    bus.subscribe(MODEL_USAGE, UsageConsumer(sessions))
-    bus.subscribe(AUDIT_EVENTS, AuditConsumer(sessions))
+    bus.subscribe(ConsumerSpec("usage", (MODEL_USAGE,), store_usage))
+    bus.subscribe(ConsumerSpec("audit", (AUDIT_EVENTS,), append_audit))
     catalog, clients, checks = build_catalog(settings, metrics)
     secret = settings.resolved_secret_key()
     profile_cache = ProfileCache(sessions)
@@ -229,6 +234,17 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     )
     counters = build_counters(settings, sessions)  # rate limits and budgets: local or Redis
     checks.extend(counters.readiness)
+    platform = Platform(
+        settings, sessions, secret, emitter, relay.poke, metrics, counters.prices, counters.budgets
+    )
+    billing = billing_api.build_billing(platform)
+    analytics = analytics_api.build_analytics(platform)
+    notifications = notifications_api.build_notifications(platform)
+    components = (billing, analytics, notifications)
+    for component in components:
+        for spec in component.consumers:
+            bus.subscribe(spec)
+        checks.extend(component.readiness)
     governor = ModelCallGovernor(
         counters.rate_limits, counters.rate_limiter, counters.budgets, counters.prices, policy
     )
@@ -404,6 +420,9 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         rate_limiter=counters.rate_limiter,
         prices=counters.prices,
         budgets=counters.budgets,
+        billing=billing,
+        analytics=analytics,
+        notifications=notifications,
         http_clients=clients,
         readiness=checks,
         started_at=int(time.time()),
@@ -415,7 +434,10 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
             await asyncio.to_thread(migrate.upgrade, url)
         await tokens.ensure_signing_key()  # before the first login, and published in the JWKS at once
         services.authenticator.start()
+        await bus.start()
         relay.start()
+        for component in components:
+            await component.start()
         emitter.start()
         agents.start()
         document_worker.start()
@@ -429,8 +451,11 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
             await mcp.connections.close()
             for close_index in index_closers:
                 await asyncio.to_thread(close_index)
+            for component in reversed(components):
+                await component.close()
             await emitter.close()
             await relay.close()
+            await bus.close()
             await services.authenticator.close()
             await catalog.close()
             for client in clients:
@@ -457,6 +482,8 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     app.include_router(constitution_api.router)
     app.include_router(policy_api.router)
     for module in (budgets_api, rate_limits_api, prices_api):
+        app.include_router(module.router)
+    for module in (billing_api, analytics_api, notifications_api):
         app.include_router(module.router)
     app.add_middleware(
         EdgeMiddleware,

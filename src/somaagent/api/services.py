@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from somaagent.agents.runs import RunEngine
 from somaagent.config import Settings
-from somaagent.events.bus import InProcessBus
+from somaagent.events.bus import EventBus
 from somaagent.events.outbox import BufferedEmitter
 from somaagent.events.relay import OutboxRelay
 from somaagent.identity.authenticator import Authenticator
@@ -36,6 +37,11 @@ from somaagent.tools.approvals import ApprovalGate
 from somaagent.tools.mcp_servers import McpAccess
 from somaagent.tools.registry import ToolCaller, ToolRegistry
 
+if TYPE_CHECKING:  # the components' modules import api.deps, which imports this one
+    from somaagent.api.analytics import AnalyticsComponent
+    from somaagent.api.billing import BillingComponent
+    from somaagent.api.notifications import NotificationsComponent
+
 
 @dataclass
 class Services:
@@ -53,7 +59,7 @@ class Services:
     recovery_key: bytes  # keys the hashes of MFA recovery codes
     catalog: ModelCatalog
     router: ModelRouter
-    bus: InProcessBus
+    bus: EventBus
     relay: OutboxRelay
     emitter: BufferedEmitter
     metrics: Metrics
@@ -73,6 +79,9 @@ class Services:
     budgets: Budgets  # budget settings, reservations and the sweeper
     call_tool: ToolCaller  # a tool call through its gates (policy, approval), as agents make them
     approvals: ApprovalGate  # holds risky tool calls for a person; decides them
+    billing: BillingComponent  # the ledger, its rollups, exports and invoices
+    analytics: AnalyticsComponent  # rollups, the dashboard, anomalies
+    notifications: NotificationsComponent  # queue, channels, preferences, live push
     http_clients: list[UpstreamClient] = field(default_factory=list)
     readiness: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
     started_at: int = 0

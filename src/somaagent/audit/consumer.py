@@ -4,34 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from somaagent.audit.tables import AuditRecord
 from somaagent.db.statements import insert_skipping_duplicates
 from somaagent.events.schemas import Event
 
 
-class AuditConsumer:
-    """Appends each `audit.events` event to the audit log, keyed by event id: delivery is at least
-    once, so a redelivered event must be a no-op (and the table refuses updates, so it cannot be an
-    upsert either)."""
-
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
-        self._sessions = sessions
-
-    async def __call__(self, events: Sequence[Event]) -> None:
-        rows = [
-            {
-                "id": e.id,
-                "tenant_id": e.tenant_id,
-                "type": e.type,
-                "actor": e.actor,
-                "occurred_at": e.occurred_at,
-                "data": e.data,
-            }
-            for e in events
-        ]
-        if not rows:
-            return
-        async with self._sessions() as session, session.begin():
-            await session.execute(insert_skipping_duplicates(session, AuditRecord, ["id"]), rows)
+async def append_audit(session: AsyncSession, events: Sequence[Event]) -> None:
+    """The `audit.events` handler: appends each event to the audit log, keyed by event id. Delivery is
+    at least once, so a redelivered event must be a no-op (and the table refuses updates, so it cannot
+    be an upsert either)."""
+    rows = [
+        {
+            "id": e.id,
+            "tenant_id": e.tenant_id,
+            "type": e.type,
+            "actor": e.actor,
+            "occurred_at": e.occurred_at,
+            "data": e.data,
+        }
+        for e in events
+    ]
+    if rows:
+        await session.execute(insert_skipping_duplicates(session, AuditRecord, ["id"]), rows)

@@ -1,42 +1,44 @@
-"""The bus port and its in-process adapter (Kafka and NATS adapters come with the event-bus issue)."""
+"""The bus port: publish outbox events to topics, and run consumer groups over them.
+
+Adapters: `InProcessBus` (here), `KafkaBus` (events/kafka.py), `NatsBus` (events/nats.py), chosen by
+the app factory from `SOMA_EVENT_BUS`.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
+from somaagent.events.consumers import ConsumerSpec
 from somaagent.events.schemas import Event
 
-# A consumer receives a batch of events of one topic; it must be idempotent by event id,
-# because delivery is at-least-once.
-Consumer = Callable[[Sequence[Event]], Awaitable[None]]
+
+class BusUnavailable(Exception):
+    """The broker cannot take events now (down, unreachable, timed out): retry the same events later,
+    in the same order; nothing about the events themselves is wrong."""
 
 
 class EventBus(Protocol):
-    """Publish events to topics; deliver them to the consumers of each topic."""
+    """Publish events to their topics; deliver them to every subscribed consumer group."""
 
-    def subscribe(self, topic: str, consumer: Consumer) -> None: ...
+    def subscribe(self, spec: ConsumerSpec) -> None:
+        """Add a consumer group (before `start`)."""
+        ...
 
-    async def publish(self, events: Sequence[Event]) -> None: ...
-
-
-class InProcessBus:
-    """Delivers to consumers in this process, in order, awaiting each; an exception propagates so
-    the relay keeps the events unpublished and retries them."""
-
-    def __init__(self) -> None:
-        self._consumers: dict[str, list[Consumer]] = defaultdict(list)
-
-    def subscribe(self, topic: str, consumer: Consumer) -> None:
-        """Add a consumer for `topic`."""
-        self._consumers[topic].append(consumer)
+    async def start(self) -> None:
+        """Connect, create the topics or streams, and start the consumer loops."""
+        ...
 
     async def publish(self, events: Sequence[Event]) -> None:
-        """Deliver `events`, grouped by topic, to every consumer of that topic."""
-        by_topic: dict[str, list[Event]] = defaultdict(list)
-        for event in events:
-            by_topic[event.topic].append(event)
-        for topic, batch in by_topic.items():
-            for consumer in self._consumers.get(topic, ()):
-                await consumer(batch)
+        """Publish `events` in order; returns once the broker holds all of them.
+        Raises `BusUnavailable` when it cannot; any other exception names a bad event."""
+        ...
+
+    def tail(self, topic: str, *, from_beginning: bool, limit: int | None) -> AsyncIterator[Event]:
+        """Events of `topic` as they arrive (after the existing ones with `from_beginning`), read
+        without a consumer group: tailing never moves any group's position."""
+        ...
+
+    async def close(self) -> None:
+        """Stop the consumer loops (letting a batch under way finish) and disconnect."""
+        ...

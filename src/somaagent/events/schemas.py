@@ -16,6 +16,11 @@ CONVERSATION_EVENTS = "conversation.events"
 TOOL_CALLS = "tool.calls"
 CONSTITUTION_UPDATED = "constitution.updated"
 POLICY_DECISIONS = "policy.decisions"
+NOTIFICATIONS_OUTBOUND = "notifications.outbound"
+WORKFLOW_EVENTS = "workflow.events"
+SETTINGS_CHANGED = "settings.changed"
+# Poison events of topic T go to T + DEAD_LETTER_SUFFIX, with the error.
+DEAD_LETTER_SUFFIX = ".dlq"
 
 SCHEMA_VERSION = 1
 

@@ -22,7 +22,10 @@ class Capability(StrEnum):
     AGENTS_ADMIN = "agents:admin"  # personas
     MODELS_ADMIN = "models:admin"  # model profiles
     POLICY_ADMIN = "policy:admin"
-    BILLING_READ = "billing:read"  # usage and the ledger
+    BILLING_READ = "billing:read"  # usage, the ledger, summaries, exports, invoices
+    ANALYTICS_READ = "analytics:read"  # the dashboard and anomalies
+    NOTIFICATIONS_READ = "notifications:read"  # one's backlog, live push and preferences
+    NOTIFICATIONS_SEND = "notifications:send"  # queue notifications to a tenant's people and webhooks
     AUDIT_READ = "audit:read"
     USERS_ADMIN = "users:admin"  # users, service accounts, MFA resets, lockouts
     KEYS_ADMIN = "keys:admin"  # the tenant's API keys
@@ -33,7 +36,15 @@ class Capability(StrEnum):
 
 ROLES = ("owner", "admin", "member", "viewer")
 
-_VIEWER = frozenset({Capability.CHAT_USE, Capability.MEMORY_READ, Capability.BILLING_READ})
+_VIEWER = frozenset(
+    {
+        Capability.CHAT_USE,
+        Capability.MEMORY_READ,
+        Capability.BILLING_READ,
+        Capability.ANALYTICS_READ,
+        Capability.NOTIFICATIONS_READ,
+    }
+)
 _MEMBER = _VIEWER | {Capability.MEMORY_WRITE, Capability.TOOLS_EXECUTE}
 _ADMIN = _MEMBER | {
     Capability.TOOLS_ADMIN,
@@ -45,6 +56,7 @@ _ADMIN = _MEMBER | {
     Capability.USERS_ADMIN,
     Capability.KEYS_ADMIN,
     Capability.TRAINING_ADMIN,
+    Capability.NOTIFICATIONS_SEND,
 }
 # Owners differ from admins in whom they may appoint (see `may_assign_role`), not in capabilities.
 _OWNER = _ADMIN

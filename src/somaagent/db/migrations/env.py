@@ -14,10 +14,12 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import somaagent.agents.tables
 import somaagent.analytics.tables
 import somaagent.audit.tables
+import somaagent.billing.tables
 import somaagent.events.tables
 import somaagent.identity.tables
 import somaagent.memory.tables
 import somaagent.models.tables
+import somaagent.notifications.tables
 import somaagent.policy.tables
 import somaagent.tools.tables  # noqa: F401  (registers the tables on Base.metadata)
 from somaagent.db.base import Base

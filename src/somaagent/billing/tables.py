@@ -1,0 +1,1 @@
+"""billing tables (PLACEHOLDER, issue 6 in progress)."""

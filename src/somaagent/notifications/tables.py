@@ -1,0 +1,1 @@
+"""notifications tables (PLACEHOLDER, issue 6 in progress)."""
