@@ -186,6 +186,9 @@ class Settings(BaseSettings):
         description="A reservation not settled for this long (its process died) is charged in full, then "
         "freed.",
     )
+    budget_alert_interval_s: float = Field(
+        default=30.0, gt=0, description="How often budgets are checked for the 80 % and 100 % alerts."
+    )
     approval_ttl_s: float = Field(
         default=900.0, gt=0, description="How long a human approval may be pending."
     )

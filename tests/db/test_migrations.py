@@ -45,7 +45,7 @@ TABLES = {
     "audit_log",
     "alembic_version",
 }
-HEAD = "0010"
+HEAD = "0011"
 
 
 @pytest.fixture

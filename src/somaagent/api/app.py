@@ -77,6 +77,7 @@ from somaagent.models.router import ModelRouter
 from somaagent.models.slots import ModelSlots
 from somaagent.observability.logs import configure_logging
 from somaagent.observability.metrics import Metrics
+from somaagent.policy.budget_alerts import BudgetAlerts
 from somaagent.policy.constitution import Constitutions
 from somaagent.policy.decisions import PolicyService, policy_screen
 from somaagent.policy.governor import ModelCallGovernor
@@ -237,6 +238,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     platform = Platform(
         settings, sessions, secret, emitter, relay.poke, metrics, counters.prices, counters.budgets
     )
+    budget_alerts = BudgetAlerts(sessions, counters.budgets, settings.budget_alert_interval_s, relay.poke)
     billing = billing_api.build_billing(platform)
     analytics = analytics_api.build_analytics(platform)
     notifications = notifications_api.build_notifications(platform)
@@ -442,11 +444,13 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
         agents.start()
         document_worker.start()
         counters.budgets.start_sweeper()  # charges reservations of dead processes, every 30 s
+        budget_alerts.start()
         try:
             yield
         finally:
             await document_worker.close()
             await agents.close()  # before the counters: interrupted runs settle their reservations
+            await budget_alerts.close()
             await counters.close()
             await mcp.connections.close()
             for close_index in index_closers:

@@ -18,7 +18,7 @@ def record_model_call(
     latency_s: float,
     status: str,
 ) -> None:
-    """Emit `model.usage` {request_id, tenant_id, key_id, model, tokens, latency_ms, status}."""
+    """Emit `model.usage` {request_id, tenant_id, key_id, user_id, model, tokens, latency_ms, status}."""
     prompt = usage.prompt_tokens if usage else 0
     completion = usage.completion_tokens if usage else 0
     services.emitter.emit(
@@ -31,10 +31,12 @@ def record_model_call(
                 "request_id": request_id,
                 "tenant_id": principal.tenant_id,
                 "key_id": principal.key_id,
+                "user_id": principal.user_id,  # the person behind a token; billing groups by it
                 "model": model,
                 "kind": kind,
                 "prompt_tokens": prompt,
                 "completion_tokens": completion,
+                "cached_tokens": 0,  # no provider here reports prompt-cache hits yet
                 "latency_ms": round(latency_s * 1000),
                 "status": status,
             },

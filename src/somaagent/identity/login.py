@@ -26,6 +26,7 @@ from somaagent.core.principal import Principal
 from somaagent.events.outbox import audit
 from somaagent.identity import mfa
 from somaagent.identity.capabilities import ROLE_CAPABILITIES, Capability, capabilities_of_role
+from somaagent.identity.login_addresses import note_login_address
 from somaagent.identity.passwords import hash_secret, needs_rehash, verify_secret
 from somaagent.identity.secret_box import SecretBox
 from somaagent.identity.tables import RefreshToken, Tenant, User
@@ -151,7 +152,7 @@ class Logins:
                         await self._tokens.issue_mfa_challenge(user_id=user.id, tenant_id=tenant.id)
                     )
                 amr.append(await self._second_factor(session, tenant, user, otp, address))
-            return await self._succeed(session, keys, tenant, user, amr)
+            return await self._succeed(session, keys, tenant, user, amr, address)
 
     async def mfa_grant(self, mfa_token: str, otp: str, address: str | None) -> TokenGrant:
         """The second step of an MFA login: the challenge from `MfaRequired` and a code."""
@@ -169,7 +170,7 @@ class Logins:
             if tenant is None or user is None or user.disabled or tenant.disabled:
                 raise InvalidGrant("this MFA challenge is no longer valid; log in again")
             method = await self._second_factor(session, tenant, user, otp, address)
-            return await self._succeed(session, keys, tenant, user, ["pwd", method])
+            return await self._succeed(session, keys, tenant, user, ["pwd", method], address)
 
     async def client_credentials_grant(
         self, client_id: str, client_secret: str, address: str | None
@@ -337,12 +338,19 @@ class Logins:
             raise
 
     async def _succeed(
-        self, session: AsyncSession, keys: list[tuple[str, int]], tenant: Tenant, user: User, amr: list[str]
+        self,
+        session: AsyncSession,
+        keys: list[tuple[str, int]],
+        tenant: Tenant,
+        user: User,
+        amr: list[str],
+        address: str | None,
     ) -> TokenGrant:
         await clear(session, keys[0][0])
         await release(session, keys[1][0])
         grant = await self._issue(session, tenant, user, amr, new_id("lgn"))
         audit(session, f"user:{user.id}", tenant.id, "auth.login_succeeded", user_id=user.id, amr=amr)
+        await note_login_address(session, user, address, "+".join(amr))
         await session.commit()
         return grant
 

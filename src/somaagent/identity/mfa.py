@@ -21,7 +21,8 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from somaagent.core.errors import Conflict, Forbidden, InvalidRequest, NotFound, SomaError, Unauthenticated
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import audit
+from somaagent.events.notices import notification_event
+from somaagent.events.outbox import add_event, audit
 from somaagent.identity import totp
 from somaagent.identity.capabilities import Capability
 from somaagent.identity.secret_box import SecretBox
@@ -352,3 +353,17 @@ async def reset_mfa(session: AsyncSession, actor: Principal, user: User) -> None
     _clear(user, datetime.now(UTC).timestamp())
     await session.execute(delete(RecoveryCode).where(RecoveryCode.user_id == user.id))
     _audit(session, actor.subject or f"user:{user.id}", user, "mfa.reset", was_enabled=had_mfa)
+    add_event(
+        session,
+        notification_event(
+            user.tenant_id,
+            kind="security.mfa_reset",
+            severity="critical" if had_mfa else "warning",
+            message=f"The two-factor authentication of {user.username!r} was reset by {actor.subject}; "
+            "enroll again at your next sign-in. If you did not ask for this, tell your administrator.",
+            audience="user",
+            user_id=user.id,
+            metadata={"reset_by": actor.subject, "was_enabled": had_mfa},
+            actor=actor.subject,
+        ),
+    )

@@ -155,6 +155,20 @@ class TrustedIssuer(TenantMixin, Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class LoginAddress(TenantMixin, Base):
+    """A client address a user has logged in from: a login from an address not here is news to them."""
+
+    __tablename__ = "login_addresses"
+
+    user_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    address: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40), ForeignKey("tenants.id"), index=True)
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class LoginThrottle(Base):
     """Failed logins per account or per client address inside the current window, and any lockout."""
 

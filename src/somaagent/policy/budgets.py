@@ -422,6 +422,11 @@ class Budgets:
         }
         return error
 
+    async def every_budget(self) -> list[BudgetInfo]:
+        """Every tenant's budgets (for platform jobs such as the threshold alerts, never for a caller)."""
+        async with self._sessions() as session:
+            return [_info(r) for r in await session.scalars(select(Budget).order_by(Budget.id))]
+
     async def _tenant_budgets(self, tenant_id: str) -> list[BudgetInfo]:
         cached = self._cache.get(tenant_id)
         now = time.monotonic()

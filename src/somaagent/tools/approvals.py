@@ -32,7 +32,9 @@ from somaagent.core.clock import utcnow
 from somaagent.core.errors import Conflict, Forbidden, NotFound, PolicyDenied, SomaError
 from somaagent.core.ids import new_id
 from somaagent.core.principal import Principal
-from somaagent.events.outbox import audit
+from somaagent.events.notices import notification_event
+from somaagent.events.outbox import add_event, audit
+from somaagent.events.schemas import Event
 from somaagent.tools.approval_rules import ApprovalSettingsFor, Requirement, requirement
 from somaagent.tools.manifest import validate_arguments
 from somaagent.tools.registry import (
@@ -216,6 +218,7 @@ class ApprovalGate:
         async with self._sessions() as db, db.begin():
             db.add(row)
             _audit(db, row, "approval.requested", principal.subject)
+            add_event(db, _approval_notice(row))
         self._committed()
         return row
 
@@ -463,6 +466,26 @@ def _audit(session: AsyncSession, row: Approval, action: str, actor: str) -> Non
         requested_by=row.requested_by,
         status=row.status,
         note=row.note,
+    )
+
+
+def _approval_notice(row: Approval) -> Event:
+    """Tell the tenant's approvers that a call waits for them (what, not the arguments)."""
+    keys = "two people" if row.two_key else "a person"
+    return notification_event(
+        row.tenant_id,
+        kind="approval.pending",
+        severity="warning",
+        message=f"Tool call `{row.tool}` ({row.side_effect}) waits for {keys} to approve it: {row.reason}",
+        metadata={
+            "approval_id": row.id,
+            "tool": row.tool,
+            "session_id": row.session_id,
+            "run_id": row.run_id,
+            "expires_at": row.expires_at.isoformat(),
+            "two_key": row.two_key,
+        },
+        actor=row.requested_by,
     )
 
 
