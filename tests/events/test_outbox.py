@@ -1,19 +1,23 @@
-"""The outbox relay and the usage consumer on a real database: at-least-once delivery, idempotent
-consumers, and poison events parked with their error instead of blocking the rest."""
+"""The outbox relay, the consumer runner and the usage consumer on a real database: at-least-once
+delivery applied once per group, in order, and poison events dead-lettered with their error instead of
+blocking the rest."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.analytics.tables import UsageRecord
-from somaagent.analytics.usage import UsageConsumer, usage_by_model_day
-from somaagent.events.bus import InProcessBus
+from somaagent.analytics.usage import store_usage, usage_by_model_day
+from somaagent.events.consumers import ConsumerSpec
+from somaagent.events.inprocess import InProcessBus
 from somaagent.events.outbox import BufferedEmitter, add_event
-from somaagent.events.relay import MAX_ATTEMPTS, OutboxRelay
-from somaagent.events.schemas import MODEL_USAGE, Event
+from somaagent.events.relay import OutboxRelay
+from somaagent.events.runner import ConsumerRunner
+from somaagent.events.schemas import DEAD_LETTER_SUFFIX, MODEL_USAGE, Event
 from somaagent.events.tables import OutboxEvent
 
 
@@ -28,6 +32,7 @@ def usage_event(tenant: str, model: str, prompt: int, completion: int) -> Event:
             "tenant_id": tenant,
             "key_id": None,
             "model": model,
+            "kind": "chat",
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "latency_ms": 5,
@@ -36,48 +41,66 @@ def usage_event(tenant: str, model: str, prompt: int, completion: int) -> Event:
     )
 
 
-async def test_usage_consumer_is_idempotent_by_event_id(sessions: async_sessionmaker[AsyncSession]) -> None:
-    consumer = UsageConsumer(sessions)
+def runner_on(sessions: async_sessionmaker[AsyncSession]) -> ConsumerRunner:
+    return ConsumerRunner(sessions, attempts=2, on_outbox=lambda: None)
+
+
+async def test_usage_is_applied_once_however_often_delivered(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    runner = runner_on(sessions)
+    spec = ConsumerSpec("usage", (MODEL_USAGE,), store_usage)
     events = [
         usage_event("ten_a", "m1", 10, 2),
         usage_event("ten_a", "m1", 5, 1),
         usage_event("ten_b", "m1", 7, 7),
     ]
-    await consumer(events)
-    await consumer(events)  # redelivered
-    await consumer(events[:1])
+    await runner.handle_events(spec, MODEL_USAGE, events)
+    await runner.handle_events(spec, MODEL_USAGE, events)  # redelivered
+    await runner.handle_events(spec, MODEL_USAGE, events[:1])
     async with sessions() as session:
         assert await session.scalar(select(func.count()).select_from(UsageRecord)) == 3
         rows = await usage_by_model_day(session, "ten_a")
     assert [(r.model, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [("m1", 2, 15, 3)]
 
 
-async def test_relay_delivers_in_order_and_parks_poison(sessions: async_sessionmaker[AsyncSession]) -> None:
-    bus = InProcessBus()
+async def test_relay_delivers_in_order_and_dead_letters_poison(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
     seen: list[str] = []
 
-    async def picky(batch: Sequence[Event]) -> None:
+    async def picky(session: AsyncSession, batch: Sequence[Event]) -> None:
         for event in batch:
-            if event.data.get("poison"):
+            if event.data["model"] == "poison":
                 raise ValueError("cannot digest this")
         seen.extend(e.id for e in batch)
 
-    bus.subscribe("test.topic", picky)
-    good = [Event(topic="test.topic", type="t", tenant_id="ten", actor=None, data={"n": i}) for i in range(3)]
-    bad = Event(topic="test.topic", type="t", tenant_id="ten", actor=None, data={"poison": True})
+    bus = InProcessBus(runner_on(sessions))
+    bus.subscribe(ConsumerSpec("picky", (MODEL_USAGE,), picky))
+    good = [usage_event("ten", f"m{i}", i, i) for i in range(3)]
+    bad = usage_event("ten", "poison", 1, 1)
+    wrong_version = replace(usage_event("ten", "m9", 1, 1), version=99)
     async with sessions() as session, session.begin():
-        for event in (good[0], bad, good[1], good[2]):
+        for event in (good[0], bad, good[1], wrong_version, good[2]):
             add_event(session, event)
     relay = OutboxRelay(sessions, bus)
-    for _ in range(MAX_ATTEMPTS):
-        await relay.relay_once()
+    while await relay.relay_once():
+        pass
     assert seen == [e.id for e in good]  # in order, the poison skipped, nothing delivered twice
     async with sessions() as session:
-        parked = await session.scalar(select(OutboxEvent).where(OutboxEvent.id == bad.id))
-        assert parked is not None
-        assert parked.attempts == MAX_ATTEMPTS
-        assert parked.published_at is not None
-        assert "cannot digest this" in (parked.last_error or "")
+        letters = list(
+            await session.scalars(
+                select(OutboxEvent).where(OutboxEvent.topic == MODEL_USAGE + DEAD_LETTER_SUFFIX)
+            )
+        )
+        pending = await session.scalar(
+            select(func.count()).select_from(OutboxEvent).where(OutboxEvent.published_at.is_(None))
+        )
+    by_event = {letter.data["event"]["id"]: letter.data for letter in letters}
+    assert set(by_event) == {bad.id, wrong_version.id}
+    assert "cannot digest this" in by_event[bad.id]["error"]
+    assert by_event[bad.id]["group"] == "picky"
+    assert pending == 0
     assert await relay.relay_once() == 0
 
 

@@ -214,8 +214,9 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     engine = create_engine(url)
     sessions = session_factory(engine)
     metrics = Metrics()
-    bus = build_bus(settings, sessions)
-    relay = OutboxRelay(sessions, bus)
+    # Consumers that stage events (dead letters, notifications) poke the relay, built just below.
+    bus = build_bus(settings, sessions, lambda: relay.poke())
+    relay = OutboxRelay(sessions, bus, retention_days=settings.outbox_retention_days)
     emitter = BufferedEmitter(sessions, settings.outbox_flush_ms, on_flushed=relay.deliver)
     bus.subscribe(ConsumerSpec("usage", (MODEL_USAGE,), store_usage))
     bus.subscribe(ConsumerSpec("audit", (AUDIT_EVENTS,), append_audit))

@@ -12,6 +12,7 @@ from somaagent.cli import (
     admin,
     chat_cmd,
     constitution_cmd,
+    events_cmd,
     federation_cmd,
     memory_cmd,
     serve_cmd,
@@ -36,6 +37,7 @@ app.add_typer(admin.models, name="models")
 app.add_typer(memory_cmd.memory, name="memory")
 app.add_typer(users_cmd.users, name="users")
 app.add_typer(constitution_cmd.constitution, name="constitution")
+app.add_typer(events_cmd.events, name="events")
 
 
 @app.callback()

@@ -118,8 +118,10 @@ class BudgetReservation(TenantMixin, Base):
 
 
 class ModelPrice(Base):
-    """One version of a model's price (platform-wide): micro-USD per million prompt and completion tokens.
-    The highest version is in force; each ledger entry names the version it was priced with."""
+    """One version of a price (platform-wide), in micro-USD: per million prompt, cached-prompt and
+    completion tokens, plus a fixed price per call. Tools are priced as `tool:<name>` (per call only).
+    A version is in force from `effective_from` until the next version's; versions never take effect
+    before their predecessor, and each ledger entry names the version it was priced with."""
 
     __tablename__ = "model_prices"
 
@@ -127,5 +129,8 @@ class ModelPrice(Base):
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
     prompt_micros_per_mtok: Mapped[int] = mapped_column(BigInteger)
     completion_micros_per_mtok: Mapped[int] = mapped_column(BigInteger)
+    cached_micros_per_mtok: Mapped[int] = mapped_column(BigInteger)
+    call_micros: Mapped[int] = mapped_column(BigInteger)
+    effective_from: Mapped[datetime] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     created_by: Mapped[str] = mapped_column(String(255))

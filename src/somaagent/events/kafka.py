@@ -1,0 +1,317 @@
+"""The Kafka adapter of the bus port (aiokafka): topics, a producer with acks=all, a consumer group per
+`ConsumerSpec` that commits offsets only after the runner has recorded the batch.
+
+Owns: `KafkaBus`. May import: events, aiokafka. Never: a domain package, the database (the runner
+records outcomes; this module only moves bytes and offsets).
+
+Order: an event's key is its tenant id (or "platform"), so one tenant's events share a partition and
+each group sees them in the order they were published. Delivery is at least once: after a crash or a
+refused batch the group re-reads from its committed offset and the runner skips what it already applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition  # type: ignore[import-untyped]
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError  # type: ignore[import-untyped]
+
+from somaagent.events.bus import BusUnavailable
+from somaagent.events.consumers import ConsumerSpec
+from somaagent.events.runner import ConsumerRunner
+from somaagent.events.schemas import DEAD_LETTER_SUFFIX, Event
+from somaagent.events.wire import EnvelopeInvalid, decode_event, encode_event
+
+log = logging.getLogger(__name__)
+
+PLATFORM_KEY = b"platform"  # the partition key of events that belong to no tenant
+_FETCH_MAX = 500
+_FETCH_WAIT_MS = 500
+_BACKOFF_FIRST_S = 0.2
+_BACKOFF_MAX_S = 5.0
+# Consumers re-read metadata this often, so topics (re)created after a broker restart are found soon.
+_METADATA_MAX_AGE_MS = 3000
+_TOPIC_ERRORS_OK = {0, TopicAlreadyExistsError.errno}
+
+
+def partition_key(event: Event) -> bytes:
+    """The key that keeps one tenant's events in one partition, in order."""
+    return event.tenant_id.encode() if event.tenant_id else PLATFORM_KEY
+
+
+class KafkaBus:
+    """The bus on a Kafka-compatible broker. `publish` raises `BusUnavailable` within
+    `timeout_s` when the broker cannot take the events; consumer loops outlive broker restarts."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        runner: ConsumerRunner,
+        *,
+        client_id: str,
+        partitions: int = 3,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self._bootstrap = bootstrap
+        self._runner = runner
+        self._client_id = client_id
+        self._partitions = partitions
+        self._timeout_s = timeout_s
+        self._specs: list[ConsumerSpec] = []
+        self._producer: AIOKafkaProducer | None = None
+        self._connect_lock = asyncio.Lock()
+        # Topics known to exist on the broker since the last failure (a restarted broker may be empty).
+        self._ensured: set[str] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+
+    def subscribe(self, spec: ConsumerSpec) -> None:
+        """Add a consumer group (before `start`)."""
+        self._specs.append(spec)
+
+    async def start(self) -> None:
+        """Create the subscribed topics and their dead-letter topics, connect the producer, and start
+        one consumer loop per group. A broker that is down now is not fatal: publishing raises
+        `BusUnavailable` and the loops keep trying until it answers."""
+        try:
+            await self._ensure_topics(self._topics_of(self._specs))
+            await self._ensure_producer()
+        except BusUnavailable as exc:
+            log.warning(
+                "Kafka at %s is not reachable yet (%s); retrying in the background", self._bootstrap, exc
+            )
+        for spec in self._specs:
+            self._loops.append(asyncio.create_task(self._consume(spec), name=f"kafka-consumer-{spec.group}"))
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        """Send `events` in order and wait until the broker has acknowledged every one (acks=all)."""
+        if not events:
+            return
+        try:
+            await asyncio.wait_for(self._send_all(events), timeout=self._timeout_s)
+        except (TimeoutError, KafkaError, OSError) as exc:
+            self._ensured.clear()
+            raise BusUnavailable(
+                f"Kafka at {self._bootstrap} did not take {len(events)} events: {exc!r}"
+            ) from exc
+
+    async def _send_all(self, events: Sequence[Event]) -> None:
+        await self._ensure_topics({e.topic for e in events})
+        producer = await self._ensure_producer()
+        pending = []
+        for event in events:
+            headers = [("type", event.type.encode()), ("version", str(event.version).encode())]
+            # send() only queues (in call order, so per-partition order holds); the futures resolve on ack.
+            pending.append(
+                await producer.send(
+                    event.topic, value=encode_event(event), key=partition_key(event), headers=headers
+                )
+            )
+        await asyncio.gather(*pending)
+
+    async def tail(self, topic: str, *, from_beginning: bool, limit: int | None) -> AsyncIterator[Event]:
+        """Events of `topic` read without a group (nothing is committed); undecodable payloads are skipped."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            client_id=f"{self._client_id}-tail",
+            group_id=None,
+            enable_auto_commit=False,
+            metadata_max_age_ms=_METADATA_MAX_AGE_MS,
+        )
+        try:
+            await asyncio.wait_for(consumer.start(), timeout=self._timeout_s)
+        except (TimeoutError, KafkaError, OSError) as exc:
+            raise BusUnavailable(f"Kafka at {self._bootstrap} is not reachable: {exc!r}") from exc
+        try:
+            partitions = consumer.partitions_for_topic(topic) or set()
+            if not partitions:
+                await self._ensure_topics({topic})
+                await consumer._client.force_metadata_update()
+                partitions = consumer.partitions_for_topic(topic) or set()
+            assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+            consumer.assign(assigned)
+            if from_beginning:
+                await consumer.seek_to_beginning(*assigned)
+            else:
+                await consumer.seek_to_end(*assigned)
+            seen = 0
+            while limit is None or seen < limit:
+                batch = await consumer.getmany(timeout_ms=_FETCH_WAIT_MS, max_records=_FETCH_MAX)
+                for records in batch.values():
+                    for record in records:
+                        try:
+                            event = decode_event(topic, record.value or b"")
+                        except EnvelopeInvalid as exc:
+                            log.warning("tail %s: offset %d is not an event (%s)", topic, record.offset, exc)
+                            continue
+                        yield event
+                        seen += 1
+                        if limit is not None and seen >= limit:
+                            return
+        finally:
+            await consumer.stop()
+
+    async def close(self) -> None:
+        """Stop the consumer loops (a batch under way finishes and commits) and the producer."""
+        self._stopping.set()
+        if self._loops:
+            _, late = await asyncio.wait(self._loops, timeout=self._timeout_s * 3)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops.clear()
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), timeout=self._timeout_s)
+
+    # --- connections and topics
+
+    async def _ensure_producer(self) -> AIOKafkaProducer:
+        async with self._connect_lock:
+            if self._producer is not None:
+                return self._producer
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._bootstrap,
+                client_id=self._client_id,
+                acks="all",
+                linger_ms=2,
+                max_batch_size=256 * 1024,
+                request_timeout_ms=int(self._timeout_s * 1000),
+            )
+            try:
+                await asyncio.wait_for(producer.start(), timeout=self._timeout_s)
+            except (TimeoutError, KafkaError, OSError) as exc:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.stop(), timeout=1)
+                raise BusUnavailable(f"Kafka at {self._bootstrap} is not reachable: {exc!r}") from exc
+            self._producer = producer
+            return producer
+
+    def _topics_of(self, specs: Sequence[ConsumerSpec]) -> set[str]:
+        return {t for spec in specs for t in spec.topics}
+
+    async def _ensure_topics(self, topics: set[str]) -> None:
+        """Create any of `topics` (and each one's `.dlq`) the broker does not have."""
+        wanted = {t for t in topics} | {
+            t + DEAD_LETTER_SUFFIX for t in topics if not t.endswith(DEAD_LETTER_SUFFIX)
+        }
+        missing = wanted - self._ensured
+        if not missing:
+            return
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self._bootstrap,
+            client_id=f"{self._client_id}-admin",
+            request_timeout_ms=int(self._timeout_s * 1000),
+        )
+        try:
+            await asyncio.wait_for(admin.start(), timeout=self._timeout_s)
+            existing = set(await admin.list_topics())
+            create = sorted(missing - existing)
+            if create:
+                response = await admin.create_topics(
+                    [NewTopic(name, self._partitions, 1) for name in create],
+                    timeout_ms=int(self._timeout_s * 1000),
+                )
+                failed = [
+                    (name, code, message)
+                    for name, code, message in response.topic_errors
+                    if code not in _TOPIC_ERRORS_OK
+                ]
+                if failed:
+                    raise BusUnavailable(f"Kafka at {self._bootstrap} refused to create topics: {failed}")
+                log.info("created Kafka topics %s", create)
+        except (TimeoutError, KafkaError, OSError) as exc:
+            raise BusUnavailable(f"Kafka at {self._bootstrap} is not reachable: {exc!r}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(admin.close(), timeout=1)
+        self._ensured |= missing
+
+    # --- consumer loops
+
+    async def _consume(self, spec: ConsumerSpec) -> None:
+        """One group's loop: (re)connect with backoff, then fetch → runner → commit until closed."""
+        backoff = 0.0
+        while not self._stopping.is_set():
+            consumer: AIOKafkaConsumer | None = None
+            try:
+                await self._ensure_topics(set(spec.topics))
+                consumer = AIOKafkaConsumer(
+                    *spec.topics,
+                    bootstrap_servers=self._bootstrap,
+                    client_id=f"{self._client_id}-{spec.group}",
+                    group_id=spec.group,
+                    enable_auto_commit=False,
+                    auto_offset_reset="earliest",
+                    metadata_max_age_ms=_METADATA_MAX_AGE_MS,
+                    max_poll_records=_FETCH_MAX,
+                )
+                await asyncio.wait_for(consumer.start(), timeout=self._timeout_s)
+                backoff = 0.0
+                await self._consume_batches(spec, consumer)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._ensured.clear()
+                backoff = min(_BACKOFF_MAX_S, max(_BACKOFF_FIRST_S, backoff * 2))
+                log.warning(
+                    "Kafka consumer %s stopped (%r); reconnecting in %.1f s", spec.group, exc, backoff
+                )
+                await self._pause(backoff)
+            finally:
+                if consumer is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(consumer.stop(), timeout=self._timeout_s)
+
+    async def _consume_batches(self, spec: ConsumerSpec, consumer: AIOKafkaConsumer) -> None:
+        backoff = 0.0
+        while not self._stopping.is_set():
+            batch = await consumer.getmany(timeout_ms=_FETCH_WAIT_MS, max_records=_FETCH_MAX)
+            fetched = [(p, r) for p, r in batch.items() if r]
+            for index, (partition, records) in enumerate(fetched):
+                try:
+                    await self._runner.handle_payloads(
+                        spec, partition.topic, [r.value or b"" for r in records]
+                    )
+                except Exception as exc:
+                    # Nothing of this partition's batch is committed: re-read it, and the partitions of
+                    # the fetch not handled yet (their positions moved past what is committed).
+                    backoff = min(_BACKOFF_MAX_S, max(_BACKOFF_FIRST_S, backoff * 2))
+                    log.warning(
+                        "group %s could not record %d events of %s (%r); retrying in %.1f s",
+                        spec.group,
+                        len(records),
+                        partition,
+                        exc,
+                        backoff,
+                    )
+                    for unhandled, later in fetched[index:]:
+                        consumer.seek(unhandled, later[0].offset)
+                    await self._pause(backoff)
+                    break
+                backoff = 0.0
+                await _commit(consumer, partition, records)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+
+async def _commit(
+    consumer: AIOKafkaConsumer, partition: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
+) -> None:
+    """Commit past `records`; a failed commit only means a redelivery the runner will skip."""
+    try:
+        await consumer.commit({partition: records[-1].offset + 1})
+    except KafkaError as exc:
+        log.warning(
+            "commit of %s at %d failed (%r); the events will be redelivered and skipped",
+            partition,
+            records[-1].offset + 1,
+            exc,
+        )

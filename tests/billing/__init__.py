@@ -1,0 +1,1 @@
+"""Billing: price book, ledger consumer, rollups, routes."""
