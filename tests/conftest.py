@@ -49,6 +49,7 @@ def main_server_env() -> dict[str, str]:
         "SOMA_EXTRA_MODELS": json.dumps(extra),
         "SOMA_MODEL_QUEUE": "2",
         "SOMA_LAST_USED_FLUSH_S": "0.3",
+        "SOMA_BUDGET_ALERT_INTERVAL_S": "0.5",  # tests/policy/test_budget_alerts.py
         "SOMA_MCP_HTTP_ALLOWLIST": json.dumps([f"127.0.0.1:{free_port()}"]),  # tests/tools/test_mcp.py
     }
 

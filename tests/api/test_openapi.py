@@ -15,7 +15,7 @@ OPEN = {"/healthz", "/readyz", "/metrics", "/.well-known/jwks.json"}
 # The only routes that need no capability: probes, metrics, the public keys, and logging in itself.
 UNGUARDED = {("get", p) for p in OPEN} | {("post", "/v1/auth/token")}
 # POSTs that act on the thing named by the path and take no body.
-ACTIONS = ("/cancel", "/refresh", "/logout", "/enroll", "/reset-mfa", "/unlock")
+ACTIONS = ("/cancel", "/refresh", "/logout", "/enroll", "/reset-mfa", "/unlock", "/read")
 
 
 def test_every_route_is_documented_with_error_schemas(server: SomaServer) -> None:
