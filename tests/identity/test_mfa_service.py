@@ -126,7 +126,9 @@ async def verify(
 async def audit_rows(sessions: async_sessionmaker[AsyncSession], account: Account) -> list[OutboxEvent]:
     async with sessions() as session:
         rows = await session.scalars(
-            select(OutboxEvent).where(OutboxEvent.tenant_id == account.tenant_id).order_by(OutboxEvent.seq)
+            select(OutboxEvent)
+            .where(OutboxEvent.tenant_id == account.tenant_id, OutboxEvent.topic == "audit.events")
+            .order_by(OutboxEvent.seq)
         )
         return list(rows)
 
