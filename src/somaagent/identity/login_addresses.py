@@ -23,9 +23,6 @@ async def note_login_address(session: AsyncSession, user: User, address: str | N
     if not address:
         return False
     now = utcnow()
-    seen_before = await session.scalar(
-        select(func.count()).select_from(LoginAddress).where(LoginAddress.user_id == user.id)
-    )
     inserted = await session.execute(
         insert_skipping_duplicates(session, LoginAddress, ["user_id", "address"]).values(
             user_id=user.id, address=address, tenant_id=user.tenant_id, first_seen_at=now, last_seen_at=now
@@ -38,7 +35,11 @@ async def note_login_address(session: AsyncSession, user: User, address: str | N
             .values(last_seen_at=now)
         )
         return False
-    if not seen_before:
+    # Only a new address needs the count: the usual login, from a known one, costs two statements.
+    addresses = await session.scalar(
+        select(func.count()).select_from(LoginAddress).where(LoginAddress.user_id == user.id)
+    )
+    if addresses == 1:  # the one just inserted: a first login ever is not news
         return False
     add_event(
         session,
