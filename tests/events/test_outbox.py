@@ -1,54 +1,35 @@
-"""The outbox relay, the consumer runner and the usage consumer on a real database: at-least-once
-delivery applied once per group, in order, and poison events dead-lettered with their error instead of
-blocking the rest."""
+"""The outbox end to end on a real database: producers stage events, the relay publishes them through the
+in-process bus, and the app's converted consumers (usage, audit) apply each once."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
-from dataclasses import replace
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.analytics.tables import UsageRecord
 from somaagent.analytics.usage import store_usage, usage_by_model_day
+from somaagent.audit.consumer import append_audit
+from somaagent.audit.tables import AuditRecord
 from somaagent.events.consumers import ConsumerSpec
 from somaagent.events.inprocess import InProcessBus
-from somaagent.events.outbox import BufferedEmitter, add_event
+from somaagent.events.outbox import BufferedEmitter, audit
 from somaagent.events.relay import OutboxRelay
-from somaagent.events.runner import ConsumerRunner
-from somaagent.events.schemas import DEAD_LETTER_SUFFIX, MODEL_USAGE, Event
+from somaagent.events.schemas import AUDIT_EVENTS, MODEL_USAGE
 from somaagent.events.tables import OutboxEvent
+from tests.events.sample_events import new_runner, usage_event
 
 
-def usage_event(tenant: str, model: str, prompt: int, completion: int) -> Event:
-    return Event(
-        topic=MODEL_USAGE,
-        type="model.usage",
-        tenant_id=tenant,
-        actor="key:test",
-        data={
-            "request_id": "req_x",
-            "tenant_id": tenant,
-            "key_id": None,
-            "model": model,
-            "kind": "chat",
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "latency_ms": 5,
-            "status": "ok",
-        },
-    )
+def app_bus(sessions: async_sessionmaker[AsyncSession]) -> InProcessBus:
+    """The in-process bus with the consumers app.py subscribes."""
+    runner, _ = new_runner(sessions)
+    bus = InProcessBus(runner)
+    bus.subscribe(ConsumerSpec("usage", (MODEL_USAGE,), store_usage))
+    bus.subscribe(ConsumerSpec("audit", (AUDIT_EVENTS,), append_audit))
+    return bus
 
 
-def runner_on(sessions: async_sessionmaker[AsyncSession]) -> ConsumerRunner:
-    return ConsumerRunner(sessions, attempts=2, on_outbox=lambda: None)
-
-
-async def test_usage_is_applied_once_however_often_delivered(
-    sessions: async_sessionmaker[AsyncSession],
-) -> None:
-    runner = runner_on(sessions)
+async def test_usage_consumer_applies_each_event_once(sessions: async_sessionmaker[AsyncSession]) -> None:
+    runner, _ = new_runner(sessions)
     spec = ConsumerSpec("usage", (MODEL_USAGE,), store_usage)
     events = [
         usage_event("ten_a", "m1", 10, 2),
@@ -64,53 +45,40 @@ async def test_usage_is_applied_once_however_often_delivered(
     assert [(r.model, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [("m1", 2, 15, 3)]
 
 
-async def test_relay_delivers_in_order_and_dead_letters_poison(
+async def test_audit_facts_reach_the_log_through_the_relay(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    seen: list[str] = []
-
-    async def picky(session: AsyncSession, batch: Sequence[Event]) -> None:
-        for event in batch:
-            if event.data["model"] == "poison":
-                raise ValueError("cannot digest this")
-        seen.extend(e.id for e in batch)
-
-    bus = InProcessBus(runner_on(sessions))
-    bus.subscribe(ConsumerSpec("picky", (MODEL_USAGE,), picky))
-    good = [usage_event("ten", f"m{i}", i, i) for i in range(3)]
-    bad = usage_event("ten", "poison", 1, 1)
-    wrong_version = replace(usage_event("ten", "m9", 1, 1), version=99)
+    relay = OutboxRelay(sessions, app_bus(sessions))
     async with sessions() as session, session.begin():
-        for event in (good[0], bad, good[1], wrong_version, good[2]):
-            add_event(session, event)
-    relay = OutboxRelay(sessions, bus)
-    while await relay.relay_once():
-        pass
-    assert seen == [e.id for e in good]  # in order, the poison skipped, nothing delivered twice
+        audit(session, "user:u1", "ten_a", "user.created", user_id="u1")
+        audit(session, "cli", None, "tenant.created", name="acme")
+    assert await relay.drain() == 2
+    assert await relay.drain() == 0
     async with sessions() as session:
-        letters = list(
-            await session.scalars(
-                select(OutboxEvent).where(OutboxEvent.topic == MODEL_USAGE + DEAD_LETTER_SUFFIX)
-            )
-        )
+        logged = (await session.scalars(select(AuditRecord).order_by(AuditRecord.type))).all()
         pending = await session.scalar(
             select(func.count()).select_from(OutboxEvent).where(OutboxEvent.published_at.is_(None))
         )
-    by_event = {letter.data["event"]["id"]: letter.data for letter in letters}
-    assert set(by_event) == {bad.id, wrong_version.id}
-    assert "cannot digest this" in by_event[bad.id]["error"]
-    assert by_event[bad.id]["group"] == "picky"
+    assert [(r.type, r.tenant_id, r.actor) for r in logged] == [
+        ("tenant.created", None, "cli"),
+        ("user.created", "ten_a", "user:u1"),
+    ]
     assert pending == 0
-    assert await relay.relay_once() == 0
 
 
-async def test_buffered_emitter_flushes_in_batches_and_on_close(
+async def test_buffered_emitter_flushes_in_batches_and_its_events_are_applied_on_flush(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    emitter = BufferedEmitter(sessions, flush_ms=20)
+    relay = OutboxRelay(sessions, app_bus(sessions))
+    emitter = BufferedEmitter(sessions, flush_ms=20, on_flushed=relay.deliver)
     emitter.start()
     for i in range(50):
         emitter.emit(usage_event("ten_c", f"m{i % 2}", 1, 1))
+    await emitter.flush()  # read-your-writes: applied by the in-process consumer when flush returns
+    async with sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(UsageRecord)) == 50
+    emitter.emit(usage_event("ten_c", "m0", 1, 1))
     await emitter.close()
     async with sessions() as session:
-        assert await session.scalar(select(func.count()).select_from(OutboxEvent)) == 50
+        assert await session.scalar(select(func.count()).select_from(OutboxEvent)) == 51
+        assert await session.scalar(select(func.count()).select_from(UsageRecord)) == 51

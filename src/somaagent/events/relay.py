@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+import orjson
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -38,6 +39,7 @@ BACKOFF_MAX_S = 5.0
 PRUNE_EVERY_S = 60.0
 # pg_try_advisory_xact_lock key of the relay ("soma" in ASCII): one publisher across replicas.
 _RELAY_LOCK_KEY = 0x736F6D61
+_KEPT_DATA_BYTES = 64 * 1024
 
 _COLUMNS = (
     OutboxEvent.seq,
@@ -190,10 +192,15 @@ class OutboxRelay:
                 if not rows:
                     self._note_success()
                     return 0
+                failed: list[tuple[Any, Exception]] = []
                 try:
-                    delivered = await self._publish(session, rows)
+                    delivered = await self._publish(rows, failed)
                 except _Outage as stop:
                     delivered, outage = stop.delivered, stop.cause
+                # Written only after publishing: on SQLite a write here would hold the one write lock
+                # while in-process consumers (other sessions) wait for it.
+                for row, exc in failed:
+                    await _count_failure(session, row, exc)
                 if delivered:
                     await session.execute(
                         update(OutboxEvent)
@@ -205,9 +212,10 @@ class OutboxRelay:
             self._note_success()
             return len(rows)
 
-    async def _publish(self, session: AsyncSession, rows: Sequence[Any]) -> list[int]:
-        """Publish `rows`; returns the seqs that went out. One call for the batch; on a bad event, one
-        call per row, holding back the later rows of a failing row's tenant."""
+    async def _publish(self, rows: Sequence[Any], failed: list[tuple[Any, Exception]]) -> list[int]:
+        """Publish `rows`; returns the seqs that went out and adds the rows that failed to `failed`. One
+        call for the batch; on a bad event, one call per row, holding back the later rows of a failing
+        row's tenant (unless this failure parks it: then the rows behind it go on)."""
         try:
             await self._bus.publish([event_of(r) for r in rows])
             return [r.seq for r in rows]
@@ -225,7 +233,8 @@ class OutboxRelay:
             except BusUnavailable as exc:
                 raise _Outage(delivered, exc) from exc
             except Exception as exc:
-                if not await _count_failure(session, row, exc):
+                failed.append((row, exc))
+                if row.attempts + 1 < MAX_ATTEMPTS:
                     held.add(row.tenant_id)
             else:
                 delivered.append(row.seq)
@@ -257,6 +266,16 @@ class _Outage(Exception):
         self.cause = cause
 
 
+def _kept_envelope(row: Any) -> dict[str, Any]:
+    """The envelope a relay dead letter keeps: whole, or without its data when that alone is too big to
+    publish (the row itself stays in the outbox, with all of it, until pruned)."""
+    envelope = event_of(row).to_json()
+    size = len(orjson.dumps(envelope["data"]))
+    if size > _KEPT_DATA_BYTES:
+        envelope["data"] = {"omitted_bytes": size}
+    return envelope
+
+
 async def _take_relay_lock(session: AsyncSession) -> bool:
     """On PostgreSQL, whether this transaction is the one relay publishing now (SQLite has one writer)."""
     if session.get_bind().dialect.name != "postgresql":
@@ -285,7 +304,7 @@ async def _count_failure(session: AsyncSession, row: Any, exc: Exception) -> boo
             type=DEAD_LETTERED,
             tenant_id=row.tenant_id,
             actor=None,
-            data={"group": RELAY_GROUP, "topic": row.topic, "error": error, "event": event_of(row).to_json()},
+            data={"group": RELAY_GROUP, "topic": row.topic, "error": error, "event": _kept_envelope(row)},
         )
         await insert_events(session, [dead])
     return parked
