@@ -73,6 +73,7 @@ bench: install
 	$(BIN)/python bench/run_overhead.py
 	$(BIN)/python bench/auth_overhead.py
 	$(BIN)/python bench/policy.py
+	$(BIN)/python bench/events.py
 
 lock:
 	# Model packages are installed with --no-deps; bench-only packages live in bench/requirements.txt.

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import orjson
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -310,3 +311,26 @@ async def _equals(value: Awaitable[int], expected: int) -> bool:
 
 async def _positive(value: float) -> bool:
     return value > 0
+
+
+async def test_an_event_too_large_for_the_broker_is_parked_and_the_rest_go_through(
+    broker: Broker, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    group = unique_name("g")
+    events = [usage_event("ten_a", i) for i in range(6)]
+    huge = usage_event("ten_b", 99)
+    huge.data["padding"] = "x" * (1536 * 1024)  # over the 1 MiB both brokers take by default
+    async with running(broker, sessions, group) as run:
+        await _write_outbox(sessions, [*events[:3], huge, *events[3:]])
+        run.relay.poke()
+        await eventually(lambda: _equals(count(sessions, usage_rows()), 6), timeout=60, what="6 delivered")
+        await eventually(lambda: _equals(count(sessions, pending()), 0), timeout=60, what="nothing pending")
+        async with sessions() as session:
+            parked = await session.scalar(select(OutboxEvent).where(OutboxEvent.id == huge.id))
+            dead = await session.scalar(
+                select(OutboxEvent).where(OutboxEvent.topic == MODEL_USAGE + DEAD_LETTER_SUFFIX)
+            )
+        assert parked is not None and "EventTooLarge" in (parked.last_error or "")
+        assert dead is not None and dead.data["event"]["id"] == huge.id
+        assert dead.data["event"]["data"] == {"omitted_bytes": len(orjson.dumps(huge.data))}
+        assert huge.id not in {e.id for e in run.seen}

@@ -223,13 +223,11 @@ async def _upsert(session: AsyncSession, totals: dict[tuple[Any, ...], list[int]
         for key, sums in sorted(totals.items(), key=lambda kv: tuple(str(k) for k in kv[0]))
     ]
     dialect: Any = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(AnalyticsRollup)
+    table = AnalyticsRollup.__table__  # Core, not the ORM entity: no bulk-persistence bookkeeping
+    statement = dialect.insert(table)
     statement = statement.on_conflict_do_update(
         index_elements=list(_KEY),
-        set_={
-            name: getattr(AnalyticsRollup.__table__.c, name) + getattr(statement.excluded, name)
-            for name in _SUMS
-        },
+        set_={name: table.c[name] + statement.excluded[name] for name in _SUMS},
     )
     for start in range(0, len(rows), _ROWS_PER_STATEMENT):
         await session.execute(statement, rows[start : start + _ROWS_PER_STATEMENT])

@@ -27,4 +27,4 @@ async def append_audit(session: AsyncSession, events: Sequence[Event]) -> None:
         for e in events
     ]
     if rows:
-        await session.execute(insert_skipping_duplicates(session, AuditRecord, ["id"]), rows)
+        await session.execute(insert_skipping_duplicates(session, AuditRecord.__table__, ["id"]), rows)

@@ -127,11 +127,12 @@ async def add_to_rollups(session: AsyncSession, entries: Sequence[NewEntry]) -> 
         dict(zip(_ROLLUP_KEY, key, strict=True)) | dict(zip(_ROLLUP_SUMS, sums, strict=True))
         for key, sums in sorted(totals.items(), key=lambda kv: tuple(str(k) for k in kv[0]))
     ]
-    statement = _dialect(session).insert(BillingRollup)
+    # On the Core table: an ORM-entity insert takes SQLAlchemy's bulk-persistence path, which costs more
+    # than the rows.
+    table = BillingRollup.__table__
+    statement = _dialect(session).insert(table)
     statement = statement.on_conflict_do_update(
         index_elements=list(_ROLLUP_KEY),
-        set_={
-            name: getattr(BillingRollup, name) + getattr(statement.excluded, name) for name in _ROLLUP_SUMS
-        },
+        set_={name: table.c[name] + statement.excluded[name] for name in _ROLLUP_SUMS},
     )
     await session.execute(statement, rows)

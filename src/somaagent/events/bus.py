@@ -18,6 +18,10 @@ class BusUnavailable(Exception):
     in the same order; nothing about the events themselves is wrong."""
 
 
+class EventTooLarge(ValueError):
+    """An event whose envelope exceeds the bus's size limit: a bad event, never deliverable."""
+
+
 class EventBus(Protocol):
     """Publish events to their topics; deliver them to every subscribed consumer group."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 
-from somaagent.events.bus import BusUnavailable
+from somaagent.events.bus import BusUnavailable, EventTooLarge
 from somaagent.events.consumers import ConsumerSpec
 from somaagent.events.runner import ConsumerRunner, DatabaseUnusable
 from somaagent.events.schemas import Event
@@ -18,10 +18,6 @@ from somaagent.events.wire import encode_event
 # What a broker refuses by default (NATS max_payload, Kafka message.max.bytes are about 1 MB): the
 # in-process bus refuses it too, so an oversized event is found in development, not in production.
 MAX_EVENT_BYTES = 1024 * 1024
-
-
-class EventTooLarge(ValueError):
-    """An event whose envelope exceeds the bus's size limit: a bad event, never deliverable."""
 
 
 class InProcessBus:

@@ -17,11 +17,11 @@ import logging
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition  # type: ignore[import-untyped]
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError  # type: ignore[import-untyped]
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from somaagent.events.bus import BusUnavailable
+from somaagent.events.bus import BusUnavailable, EventTooLarge
 from somaagent.events.consumers import ConsumerSpec
 from somaagent.events.runner import ConsumerRunner
 from somaagent.events.schemas import DEAD_LETTER_SUFFIX, Event
@@ -30,6 +30,9 @@ from somaagent.events.wire import EnvelopeInvalid, decode_event, encode_event
 log = logging.getLogger(__name__)
 
 PLATFORM_KEY = b"platform"  # the partition key of events that belong to no tenant
+# The largest envelope sent: the producer's request limit and the broker's default message.max.bytes
+# (1 MiB), less room for the record's key, headers and framing.
+MAX_MESSAGE_BYTES = 1024 * 1024 - 4096
 _FETCH_MAX = 500
 _FETCH_WAIT_MS = 500
 _BACKOFF_FIRST_S = 0.2
@@ -115,16 +118,23 @@ class KafkaBus:
         self._outages += 1
 
     async def _send_all(self, events: Sequence[Event]) -> None:
+        payloads = [encode_event(e) for e in events]
+        for event, payload in zip(events, payloads, strict=True):
+            # Checked before anything is sent: aiokafka would refuse it as a KafkaError, which reads as
+            # an outage and would hold every later event back forever.
+            if len(payload) > MAX_MESSAGE_BYTES:
+                size = len(payload)
+                raise EventTooLarge(
+                    f"event {event.id} ({event.type}) is {size} bytes; Kafka takes {MAX_MESSAGE_BYTES}"
+                )
         await self._ensure_topics({e.topic for e in events})
         producer = await self._ensure_producer()
         pending = []
-        for event in events:
+        for event, payload in zip(events, payloads, strict=True):
             headers = [("type", event.type.encode()), ("version", str(event.version).encode())]
             # send() only queues (in call order, so per-partition order holds); the futures resolve on ack.
             pending.append(
-                await producer.send(
-                    event.topic, value=encode_event(event), key=partition_key(event), headers=headers
-                )
+                await producer.send(event.topic, value=payload, key=partition_key(event), headers=headers)
             )
         await asyncio.gather(*pending)
 
@@ -286,30 +296,37 @@ class KafkaBus:
                 log.info("Kafka consumer %s restarts after a broker outage", spec.group)
                 return
             batch = await consumer.getmany(timeout_ms=_FETCH_WAIT_MS, max_records=_FETCH_MAX)
-            fetched = [(p, r) for p, r in batch.items() if r]
-            for index, (partition, records) in enumerate(fetched):
+            # One runner call (one transaction) per topic, whatever partitions the fetch spans: the
+            # runner's cost is per transaction far more than per event. Order within each partition holds.
+            by_topic: dict[str, list[tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]] = {}
+            for partition, records in batch.items():
+                if records:
+                    by_topic.setdefault(partition.topic, []).append((partition, records))
+            fetched = list(by_topic.items())
+            for index, (topic, parts) in enumerate(fetched):
                 try:
                     await self._runner.handle_payloads(
-                        spec, partition.topic, [r.value or b"" for r in records]
+                        spec, topic, [r.value or b"" for _, records in parts for r in records]
                     )
                 except Exception as exc:
-                    # Nothing of this partition's batch is committed: re-read it, and the partitions of
-                    # the fetch not handled yet (their positions moved past what is committed).
+                    # Nothing of this topic's batch is committed: re-read it, and the topics of the
+                    # fetch not handled yet (their positions moved past what is committed).
                     backoff = min(_BACKOFF_MAX_S, max(_BACKOFF_FIRST_S, backoff * 2))
                     log.warning(
                         "group %s could not record %d events of %s (%r); retrying in %.1f s",
                         spec.group,
-                        len(records),
-                        partition,
+                        sum(len(records) for _, records in parts),
+                        topic,
                         exc,
                         backoff,
                     )
-                    for unhandled, later in fetched[index:]:
-                        consumer.seek(unhandled, later[0].offset)
+                    for _, unhandled in fetched[index:]:
+                        for partition, records in unhandled:
+                            consumer.seek(partition, records[0].offset)
                     await self._pause(backoff)
                     break
                 backoff = 0.0
-                await _commit(consumer, partition, records)
+                await _commit(consumer, parts)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -317,18 +334,15 @@ class KafkaBus:
 
 
 async def _commit(
-    consumer: AIOKafkaConsumer, partition: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
+    consumer: AIOKafkaConsumer, parts: list[tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]
 ) -> None:
-    """Commit past `records`; a failed commit only means a redelivery the runner will skip."""
+    """Commit past the records of each partition; a failed commit only means a redelivery the runner
+    will skip."""
+    offsets = {partition: records[-1].offset + 1 for partition, records in parts}
     try:
-        await consumer.commit({partition: records[-1].offset + 1})
+        await consumer.commit(offsets)
     except KafkaError as exc:
-        log.warning(
-            "commit of %s at %d failed (%r); the events will be redelivered and skipped",
-            partition,
-            records[-1].offset + 1,
-            exc,
-        )
+        log.warning("commit of %s failed (%r); the events will be redelivered and skipped", offsets, exc)
 
 
 async def _stop(closing: Coroutine[Any, Any, Any], timeout_s: float) -> None:

@@ -32,7 +32,7 @@ from somaagent.events.tables import OutboxEvent
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5
-BATCH = 500
+BATCH = 2000
 RELAY_GROUP = "relay"  # the `group` named in dead letters of events the bus itself refused
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0

@@ -31,8 +31,6 @@ from somaagent.events.wire import EnvelopeInvalid, decode_event
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-# Marks per INSERT statement: 3 bound values a row stays under SQLite's oldest variable limit (999).
-_MARKS_PER_STATEMENT = 300
 # Between one-by-one attempts of a failing event: long enough for a lock or a deadlock to clear.
 _RETRY_PAUSE_S = 0.05
 _ERROR_CHARS = 2000
@@ -203,17 +201,16 @@ class ConsumerRunner:
 
 async def _claim(session: AsyncSession, group: str, event_ids: list[str]) -> set[str]:
     """Insert the marks of `event_ids` not yet processed by `group`; returns the ids newly marked."""
+    if not event_ids:
+        return set()
     now = utcnow()
-    claimed: set[str] = set()
-    for start in range(0, len(event_ids), _MARKS_PER_STATEMENT):
-        chunk = event_ids[start : start + _MARKS_PER_STATEMENT]
-        statement = (
-            insert_skipping_duplicates(session, ProcessedEvent, ["group", "event_id"])
-            .values([{"group": group, "event_id": i, "processed_at": now} for i in chunk])
-            .returning(ProcessedEvent.event_id)
-        )
-        claimed.update((await session.scalars(statement)).all())
-    return claimed
+    # One statement compiled once and executed over many rows (the driver sends multi-row VALUES with
+    # RETURNING); a `.values([...])` statement would be compiled afresh for every batch.
+    statement = insert_skipping_duplicates(
+        session, ProcessedEvent.__table__, ["group", "event_id"]
+    ).returning(ProcessedEvent.__table__.c.event_id)
+    rows = [{"group": group, "event_id": i, "processed_at": now} for i in event_ids]
+    return set((await session.scalars(statement, rows)).all())
 
 
 def _unique(items: list[_T], key: Callable[[_T], str]) -> list[_T]:
