@@ -10,7 +10,7 @@ import secrets
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -210,6 +210,12 @@ class Settings(BaseSettings):
         description="Prefix of NATS subjects and streams (`soma.model.usage`), so several installations "
         "can share a broker.",
     )
+    event_consumers: str = Field(
+        default="all",
+        description="The consumer groups this process runs: `all`, `none`, or a comma-separated list of "
+        "usage, audit, billing, analytics, notifications. Lets API replicas run no consumers and worker "
+        "processes run the groups given to them; needs a broker (kafka or nats).",
+    )
     event_consumer_attempts: int = Field(
         default=3, ge=1, description="Times a consumer tries an event before it is dead-lettered."
     )
@@ -265,6 +271,34 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("event_consumers")
+    @classmethod
+    def _groups_listed(cls, value: str) -> str:
+        names = {part.strip() for part in value.split(",") if part.strip()}
+        if not names:
+            raise ValueError("name the consumer groups to run, or `all` or `none`")
+        if len(names) > 1 and names & {"all", "none"}:
+            raise ValueError("`all` and `none` stand alone, not in a list of groups")
+        return ",".join(sorted(names))
+
+    @model_validator(mode="after")
+    def _groups_need_a_broker(self) -> Settings:
+        if self.event_bus == "inprocess" and self.event_consumers != "all":
+            raise ValueError(
+                "SOMA_EVENT_CONSUMERS needs SOMA_EVENT_BUS=kafka or nats: the in-process bus delivers only "
+                "to this process, so a group it does not run would never see its events"
+            )
+        return self
+
+    @property
+    def consumer_groups(self) -> frozenset[str] | None:
+        """The consumer groups to run (None: every one)."""
+        if self.event_consumers == "all":
+            return None
+        if self.event_consumers == "none":
+            return frozenset()
+        return frozenset(self.event_consumers.split(","))
 
     @property
     def catalog(self) -> list[ModelSpec]:

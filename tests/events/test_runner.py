@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections import Counter
+from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from somaagent.analytics.usage import store_usage
 from somaagent.events.catalog import DEAD_LETTERED
 from somaagent.events.consumers import ConsumerSpec
 from somaagent.events.notices import notification_event
@@ -34,6 +37,28 @@ async def test_the_same_events_delivered_three_times_apply_once(
     assert await marks(sessions, "strict") == 3
     assert await outbox_rows(sessions, DLQ) == []
     assert pokes.count == 1
+
+
+async def test_a_group_with_idempotent_writes_keeps_no_marks_and_still_applies_once(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    runner, _ = new_runner(sessions)
+    handed: list[str] = []
+
+    async def usage(session: AsyncSession, events: Sequence[Event]) -> None:
+        handed.extend(e.id for e in events)
+        await store_usage(session, events)  # insert-or-skip by the event id
+
+    spec = ConsumerSpec("keyed", (MODEL_USAGE,), usage, idempotent_writes=True)
+    events = [usage_event("ten_a"), usage_event("ten_b")]
+    poison = usage_event("ten_a")
+    poison.data["prompt_tokens"] = -1  # refused by the schema
+    for _ in range(3):
+        await asyncio.gather(*(runner.handle_events(spec, MODEL_USAGE, [*events, poison]) for _ in range(2)))
+    assert Counter(handed) == {e.id: 6 for e in events}  # handed every delivery ...
+    assert await usage_ids(sessions) == sorted(e.id for e in events)  # ... applied once
+    assert await marks(sessions, "keyed") == 1  # only the dead letter's
+    assert [r.data["event"]["id"] for r in await outbox_rows(sessions, DLQ)] == [poison.id]
 
 
 async def test_two_concurrent_deliveries_apply_each_event_once(

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from somaagent.analytics.anomaly_state import ensure_baselines
 from somaagent.analytics.histogram import BUCKETS, COLUMNS, bucket_of
 from somaagent.analytics.pricing import CostRequest, Pricing
 from somaagent.analytics.tables import AnalyticsRollup
+from somaagent.db.statements import upsert_adding
 from somaagent.events.schemas import CONVERSATION_EVENTS, MODEL_USAGE, POLICY_DECISIONS, TOOL_CALLS, Event
 
 GROUP = "analytics"
@@ -222,12 +222,7 @@ async def _upsert(session: AsyncSession, totals: dict[tuple[Any, ...], list[int]
         dict(zip(_KEY, key, strict=True)) | dict(zip(_SUMS, sums, strict=True))
         for key, sums in sorted(totals.items(), key=lambda kv: tuple(str(k) for k in kv[0]))
     ]
-    dialect: Any = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    table = AnalyticsRollup.__table__  # Core, not the ORM entity: no bulk-persistence bookkeeping
-    statement = dialect.insert(table)
-    statement = statement.on_conflict_do_update(
-        index_elements=list(_KEY),
-        set_={name: table.c[name] + statement.excluded[name] for name in _SUMS},
-    )
+    # The Core table, not the ORM entity: no bulk-persistence bookkeeping.
+    statement = upsert_adding(session, AnalyticsRollup.__table__, _KEY, _SUMS)
     for start in range(0, len(rows), _ROWS_PER_STATEMENT):
         await session.execute(statement, rows[start : start + _ROWS_PER_STATEMENT])

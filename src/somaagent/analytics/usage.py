@@ -10,7 +10,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from somaagent.analytics.tables import UsageRecord
-from somaagent.db.statements import insert_skipping_duplicates
+from somaagent.db.statements import insert_rows_skipping_duplicates
 from somaagent.events.schemas import Event
 
 
@@ -33,10 +33,7 @@ async def store_usage(session: AsyncSession, events: Sequence[Event]) -> None:
         }
         for e in events
     ]
-    if rows:
-        # The Core table, not the ORM entity: an ORM bulk insert spends more on bookkeeping than on rows.
-        statement = insert_skipping_duplicates(session, UsageRecord.__table__, ["event_id"])
-        await session.execute(statement, rows)
+    await insert_rows_skipping_duplicates(session, UsageRecord.__table__, rows, conflict=["event_id"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -206,6 +206,19 @@ def _queue_source(slots: ModelSlots) -> Callable[[], list[tuple[str, float]]]:
     return lambda: [(slots.model_id, float(slots.waiting))]
 
 
+def _groups_to_run(specs: list[ConsumerSpec], wanted: frozenset[str] | None) -> list[ConsumerSpec]:
+    """The consumer groups `SOMA_EVENT_CONSUMERS` asks this process to run."""
+    if wanted is None:
+        return specs
+    unknown = wanted - {spec.group for spec in specs}
+    if unknown:
+        known = ", ".join(spec.group for spec in specs)
+        raise ValueError(
+            f"SOMA_EVENT_CONSUMERS names {', '.join(sorted(unknown))}; the groups are {known} (or all, none)"
+        )
+    return [spec for spec in specs if spec.group in wanted]
+
+
 def create_app(settings: Settings | None = None, *, migrate_on_start: bool = True) -> FastAPI:
     """Build the whole application from settings."""
     settings = settings or Settings()
@@ -218,8 +231,11 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     bus = build_bus(settings, sessions, lambda: relay.poke())
     relay = OutboxRelay(sessions, bus, retention_days=settings.outbox_retention_days)
     emitter = BufferedEmitter(sessions, settings.outbox_flush_ms, on_flushed=relay.deliver)
-    bus.subscribe(ConsumerSpec("usage", (MODEL_USAGE,), store_usage))
-    bus.subscribe(ConsumerSpec("audit", (AUDIT_EVENTS,), append_audit))
+    consumers = [
+        # Both write one row per event keyed by its id, skipping what is there: idempotent by themselves.
+        ConsumerSpec("usage", (MODEL_USAGE,), store_usage, idempotent_writes=True),
+        ConsumerSpec("audit", (AUDIT_EVENTS,), append_audit, idempotent_writes=True),
+    ]
     catalog, clients, checks = build_catalog(settings, metrics)
     secret = settings.resolved_secret_key()
     profile_cache = ProfileCache(sessions)
@@ -245,9 +261,10 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     notifications = notifications_api.build_notifications(platform)
     components = (billing, analytics, notifications)
     for component in components:
-        for spec in component.consumers:
-            bus.subscribe(spec)
+        consumers.extend(component.consumers)
         checks.extend(component.readiness)
+    for spec in _groups_to_run(consumers, settings.consumer_groups):
+        bus.subscribe(spec)
     governor = ModelCallGovernor(
         counters.rate_limits, counters.rate_limiter, counters.budgets, counters.prices, policy
     )

@@ -65,4 +65,5 @@ class BillingComponent:
 def build_billing(platform: Platform) -> BillingComponent:
     """The billing component of this process."""
     consumer = BillingConsumer(PriceBookPricing(platform.prices))
-    return BillingComponent(consumers=[ConsumerSpec(GROUP, TOPICS, consumer)])
+    # The ledger skips an event it holds (unique source event id) and rolls up only what it inserted.
+    return BillingComponent(consumers=[ConsumerSpec(GROUP, TOPICS, consumer, idempotent_writes=True)])

@@ -22,6 +22,7 @@ from somaagent.events.schemas import MODEL_USAGE, TOOL_CALLS, Event
 GROUP = "billing"
 TOPICS = (MODEL_USAGE, TOOL_CALLS)
 TOOL_PRICE_PREFIX = "tool:"  # a tool's price entry in the price book
+_BILLABLE = frozenset({(MODEL_USAGE, "model.usage"), (TOOL_CALLS, "tool.called")})
 
 
 class BillableEventInvalid(ValueError):
@@ -71,7 +72,7 @@ class BillingConsumer:
 
     @staticmethod
     def _is_billable(event: Event) -> bool:
-        return (event.topic, event.type) in {(MODEL_USAGE, "model.usage"), (TOOL_CALLS, "tool.called")}
+        return (event.topic, event.type) in _BILLABLE
 
     @staticmethod
     def _request(event: Event) -> ChargeRequest:

@@ -10,14 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from somaagent.billing.tables import BillingRollup, LedgerEntry
+from somaagent.db.statements import insert_rows_skipping_duplicates, upsert_adding
 
-# Rows per executemany (batched by the driver into multi-row statements).
+# Rows per INSERT (one array per column on PostgreSQL, an executemany on SQLite).
 _CHUNK = 1000
 PERIODS = ("hour", "day")
 _ROLLUP_KEY = ("tenant_id", "period", "bucket", "kind", "item", "key_id", "subject", "user_id")
@@ -53,11 +54,12 @@ class NewEntry:
 
 
 _ENTRY_FIELDS = tuple(f.name for f in fields(NewEntry))
+_entry_values = attrgetter(*_ENTRY_FIELDS)
 
 
 def _columns(entry: NewEntry) -> dict[str, Any]:
     # Shallow on purpose: `dataclasses.asdict` deep-copies every value, a third of the consumer's time.
-    return {name: getattr(entry, name) for name in _ENTRY_FIELDS}
+    return dict(zip(_ENTRY_FIELDS, _entry_values(entry), strict=True))
 
 
 def bucket_start(period: str, when: datetime) -> datetime:
@@ -68,26 +70,19 @@ def bucket_start(period: str, when: datetime) -> datetime:
     return utc.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def _dialect(session: AsyncSession) -> Any:
-    return postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-
-
 async def append_entries(session: AsyncSession, entries: Sequence[NewEntry]) -> list[NewEntry]:
     """Insert `entries`, skipping any whose source event (or id) is already in the ledger, and add the
     ones inserted to the rollups; returns those inserted. A redelivered event therefore changes nothing."""
     inserted: list[NewEntry] = []
     # ON CONFLICT DO NOTHING with no target: a duplicate source event id or entry id is skipped, and
-    # RETURNING names only the rows inserted. One compiled statement, executed over many rows (a
-    # multi-VALUES statement built per batch would be compiled afresh every time).
-    statement = (
-        _dialect(session)
-        .insert(LedgerEntry.__table__)
-        .on_conflict_do_nothing()
-        .returning(LedgerEntry.__table__.c.id)
-    )
+    # RETURNING names only the rows inserted.
     for start in range(0, len(entries), _CHUNK):
         chunk = entries[start : start + _CHUNK]
-        new_ids = set((await session.scalars(statement, [_columns(e) for e in chunk])).all())
+        new_ids = set(
+            await insert_rows_skipping_duplicates(
+                session, LedgerEntry.__table__, [_columns(e) for e in chunk], returning="id"
+            )
+        )
         inserted.extend(e for e in chunk if e.id in new_ids)
     await add_to_rollups(session, inserted)
     return inserted
@@ -129,10 +124,4 @@ async def add_to_rollups(session: AsyncSession, entries: Sequence[NewEntry]) -> 
     ]
     # On the Core table: an ORM-entity insert takes SQLAlchemy's bulk-persistence path, which costs more
     # than the rows.
-    table = BillingRollup.__table__
-    statement = _dialect(session).insert(table)
-    statement = statement.on_conflict_do_update(
-        index_elements=list(_ROLLUP_KEY),
-        set_={name: table.c[name] + statement.excluded[name] for name in _ROLLUP_SUMS},
-    )
-    await session.execute(statement, rows)
+    await session.execute(upsert_adding(session, BillingRollup.__table__, _ROLLUP_KEY, _ROLLUP_SUMS), rows)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.core.clock import utcnow
-from somaagent.db.statements import insert_skipping_duplicates
+from somaagent.db.statements import insert_rows_skipping_duplicates
 from somaagent.events import catalog
 from somaagent.events.consumers import ConsumerSpec
 from somaagent.events.outbox import insert_events
@@ -186,10 +186,14 @@ class ConsumerRunner:
         self, spec: ConsumerSpec, topic: str, valid: list[Event], rejected: list[_Rejected]
     ) -> bool:
         async with self._sessions() as session, session.begin():
-            claimed = await _claim(
-                session, spec.group, [e.id for e in valid] + [r.event_id for r in rejected]
-            )
-            todo = [e for e in valid if e.id in claimed]
+            if spec.idempotent_writes:  # a redelivery changes nothing: no marks but the dead letters'
+                claimed = await _claim(session, spec.group, [r.event_id for r in rejected])
+                todo = valid
+            else:
+                claimed = await _claim(
+                    session, spec.group, [e.id for e in valid] + [r.event_id for r in rejected]
+                )
+                todo = [e for e in valid if e.id in claimed]
             dead = [dead_letter_event(spec.group, topic, r) for r in rejected if r.event_id in claimed]
             if todo:
                 await spec.handle(session, todo)
@@ -204,13 +208,9 @@ async def _claim(session: AsyncSession, group: str, event_ids: list[str]) -> set
     if not event_ids:
         return set()
     now = utcnow()
-    # One statement compiled once and executed over many rows (the driver sends multi-row VALUES with
-    # RETURNING); a `.values([...])` statement would be compiled afresh for every batch.
-    statement = insert_skipping_duplicates(
-        session, ProcessedEvent.__table__, ["group", "event_id"]
-    ).returning(ProcessedEvent.__table__.c.event_id)
     rows = [{"group": group, "event_id": i, "processed_at": now} for i in event_ids]
-    return set((await session.scalars(statement, rows)).all())
+    table = ProcessedEvent.__table__
+    return set(await insert_rows_skipping_duplicates(session, table, rows, returning="event_id"))
 
 
 def _unique(items: list[_T], key: Callable[[_T], str]) -> list[_T]:
