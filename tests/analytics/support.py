@@ -14,7 +14,7 @@ from somaagent.analytics.anomalies import AnomalyDetector, AnomalySettings
 from somaagent.analytics.histogram import COLUMNS
 from somaagent.analytics.rollups import GROUP, TOPICS, AnalyticsConsumer
 from somaagent.analytics.tables import AnalyticsRollup
-from somaagent.api.analytics import PriceBookCosts
+from somaagent.api.composition import PriceBookPricing
 from somaagent.core.ids import new_id, new_request_id
 from somaagent.core.principal import OPERATOR, Principal
 from somaagent.events.consumers import ConsumerSpec
@@ -117,7 +117,7 @@ def policy_event(tenant_id: str, action: str, allowed: bool, *, occurred_at: dat
 
 def analytics_spec(sessions: Sessions) -> ConsumerSpec:
     """The consumer group as `build_analytics` makes it."""
-    return ConsumerSpec(GROUP, TOPICS, AnalyticsConsumer(PriceBookCosts(PriceBook(sessions, 1.0))))
+    return ConsumerSpec(GROUP, TOPICS, AnalyticsConsumer(PriceBookPricing(PriceBook(sessions, 1.0))))
 
 
 def detector(sessions: Sessions, outbox: list[int] | None = None, **settings: Any) -> AnomalyDetector:

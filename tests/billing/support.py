@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from somaagent.api.billing import PriceBookPricing
+from somaagent.api.composition import PriceBookPricing
 from somaagent.billing.consumer import BillingConsumer
 from somaagent.core.ids import new_id, new_request_id
 from somaagent.core.principal import OPERATOR, Principal

@@ -14,8 +14,6 @@ nothing about them, so it neither moves their baseline nor is flagged.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from somaagent.analytics.rollups import hour_of
 from somaagent.analytics.tables import AnalyticsRollup, Anomaly, AnomalyBaseline
 from somaagent.core.clock import utcnow
 from somaagent.core.ids import new_id
+from somaagent.core.periodic import Periodic
 from somaagent.db.statements import insert_skipping_duplicates
 from somaagent.events.notices import notification_event, notification_id
 from somaagent.events.outbox import add_event
@@ -132,7 +131,9 @@ class AnomalyDetector:
         self._sessions = sessions
         self._settings = settings
         self._on_outbox = on_outbox
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic(
+            "anomaly evaluation", self._pass, settings.interval_s, log=log, first_at_once=True
+        )
 
     async def evaluate_closed_hours(self, now: datetime | None = None) -> list[FoundAnomaly]:
         """Evaluate, for every tenant, each hour that closed (at least `grace` before `now`) since its
@@ -244,24 +245,15 @@ class AnomalyDetector:
 
     def start(self) -> None:
         """Evaluate every `interval_s` in the background."""
-        self._task = asyncio.create_task(self._run(), name="analytics-anomalies")
+        self._periodic.start()
 
     async def close(self) -> None:
         """Stop the background task."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._periodic.close()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.evaluate_closed_hours()
-                await self.prune_minutes()
-            except Exception:  # the loop must outlive a database hiccup; the next pass catches up
-                log.exception("anomaly evaluation failed")
-            await asyncio.sleep(self._settings.interval_s)
+    async def _pass(self) -> None:
+        await self.evaluate_closed_hours()
+        await self.prune_minutes()
 
 
 async def _closed_hours(

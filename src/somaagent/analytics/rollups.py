@@ -18,8 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from somaagent.analytics.anomaly_state import ensure_baselines
 from somaagent.analytics.histogram import BUCKETS, COLUMNS, bucket_of
-from somaagent.analytics.pricing import CostRequest, Pricing
+from somaagent.analytics.pricing import Pricing
 from somaagent.analytics.tables import AnalyticsRollup
+from somaagent.core.pricing import PriceRequest
 from somaagent.db.statements import upsert_adding
 from somaagent.events.schemas import CONVERSATION_EVENTS, MODEL_USAGE, POLICY_DECISIONS, TOOL_CALLS, Event
 
@@ -68,7 +69,7 @@ class _Fact:
     completion_tokens: int = 0
     cached_tokens: int = 0
     duration_ms: float | None = None
-    cost: CostRequest | None = None
+    cost: PriceRequest | None = None
 
 
 def _count(data: dict[str, Any], name: str) -> int:
@@ -112,7 +113,7 @@ def _fact(event: Event) -> _Fact | None:
             cached_tokens=cached,
             duration_ms=_duration(data, "latency_ms"),
             # Priced as billing charges it: tokens always, the per-call price only for a call that worked.
-            cost=CostRequest(model, when, prompt, completion, cached, int(ok)),
+            cost=PriceRequest(model, when, prompt, completion, cached, int(ok)),
         )
     if event.topic == CONVERSATION_EVENTS and event.type.startswith("run."):
         status = data.get("status")
@@ -141,7 +142,7 @@ def _fact(event: Event) -> _Fact | None:
             tool,
             errors=int(not ok),
             duration_ms=_duration(data, "duration_ms"),
-            cost=CostRequest(TOOL_PRICE_PREFIX + tool, when, 0, 0, 0, int(ok)),
+            cost=PriceRequest(TOOL_PRICE_PREFIX + tool, when, 0, 0, 0, int(ok)),
         )
     if event.topic == POLICY_DECISIONS and event.type == "policy.decision":
         denied = int(data.get("allowed") is False)
@@ -191,8 +192,10 @@ class AnalyticsConsumer:
         if not facts:
             return
         priced = [f for f in facts if f.cost is not None]
-        costs = await self._pricing.costs(session, [f.cost for f in priced if f.cost is not None])
-        cost_of = {id(f): c for f, c in zip(priced, costs, strict=True)}
+        charges = await self._pricing.charges(session, [f.cost for f in priced if f.cost is not None])
+        cost_of = {
+            id(f): None if c is None else c.amount_micros for f, c in zip(priced, charges, strict=True)
+        }
         totals: dict[tuple[Any, ...], list[int]] = {}
         first_hour: dict[str, datetime] = {}
         for fact in facts:

@@ -5,16 +5,13 @@ tenant-scoped; operators name a tenant with `?tenant=`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from fastapi import APIRouter
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from somaagent.analytics.anomalies import AnomalyDetector, AnomalySettings, usd
 from somaagent.analytics.anomaly_state import METRICS
-from somaagent.analytics.pricing import CostRequest
 from somaagent.analytics.queries import (
     DIMENSIONS,
     Totals,
@@ -41,7 +38,7 @@ from somaagent.analytics.schemas import (
 )
 from somaagent.analytics.tables import Anomaly
 from somaagent.api.billing_params import parse_range
-from somaagent.api.composition import Check, Platform
+from somaagent.api.composition import Check, Platform, PriceBookPricing
 from somaagent.api.deps import AnalyticsReadDep, ServicesDep, SessionDep
 from somaagent.api.openai.docs import error_responses
 from somaagent.api.services import Services
@@ -50,7 +47,6 @@ from somaagent.core.errors import InvalidRequest
 from somaagent.core.pagination import ListOut
 from somaagent.events.consumers import ConsumerSpec
 from somaagent.identity.service import act_for_tenant
-from somaagent.policy.prices import PriceBook, cost_micros, in_force
 
 router = APIRouter(prefix="/v1/analytics", tags=["Analytics"])
 
@@ -59,29 +55,6 @@ DEFAULT_RANGE = timedelta(hours=24)
 TOP = 5
 OPEN_FOR = timedelta(hours=24)  # an anomaly is "open" on the dashboard for a day after its hour
 MAX_ANOMALIES = 500
-
-
-class PriceBookCosts:
-    """Analytics' `Pricing` port over the platform's price book: the version in force when each call
-    happened, read in the consumer's transaction (as billing prices it, so the numbers agree)."""
-
-    def __init__(self, prices: PriceBook) -> None:
-        self._prices = prices
-
-    async def costs(self, session: AsyncSession, items: Sequence[CostRequest]) -> list[int | None]:
-        """Micro-USD of each item; None where no price was in force."""
-        versions = await self._prices.versions_of(session, {i.price_name for i in items})
-        found: list[int | None] = []
-        for item in items:
-            price = in_force(versions.get(item.price_name, ()), item.occurred_at)
-            found.append(
-                None
-                if price is None
-                else cost_micros(
-                    price, item.prompt_tokens, item.completion_tokens, item.cached_tokens, item.calls
-                )
-            )
-        return found
 
 
 @dataclass
@@ -116,7 +89,7 @@ def build_analytics(platform: Platform) -> AnalyticsComponent:
         ),
         on_outbox=platform.poke_relay,
     )
-    consumer = AnalyticsConsumer(PriceBookCosts(platform.prices))
+    consumer = AnalyticsConsumer(PriceBookPricing(platform.prices))
     return AnalyticsComponent(consumers=[ConsumerSpec(GROUP, TOPICS, consumer)], detector=detector)
 
 

@@ -14,9 +14,10 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from somaagent.billing.entries import NewEntry, append_entries
-from somaagent.billing.pricing import Charge, ChargeRequest, Pricing
+from somaagent.billing.pricing import Pricing
 from somaagent.core.clock import utcnow
 from somaagent.core.ids import new_id
+from somaagent.core.pricing import Charge, PriceRequest
 from somaagent.events.schemas import MODEL_USAGE, TOOL_CALLS, Event
 
 GROUP = "billing"
@@ -75,7 +76,7 @@ class BillingConsumer:
         return (event.topic, event.type) in _BILLABLE
 
     @staticmethod
-    def _request(event: Event) -> ChargeRequest:
+    def _request(event: Event) -> PriceRequest:
         data = event.data
         if event.topic == MODEL_USAGE:
             model = data.get("model")
@@ -85,7 +86,7 @@ class BillingConsumer:
             # Cached tokens are part of the prompt (as OpenAI reports them); never more than all of it.
             cached = min(_count(data, "cached_tokens", event), prompt)
             ok = data.get("status", "ok") == "ok"
-            return ChargeRequest(
+            return PriceRequest(
                 model[:160],
                 event.occurred_at,
                 prompt,
@@ -97,10 +98,10 @@ class BillingConsumer:
         if not isinstance(tool, str) or not tool:
             raise BillableEventInvalid(f"event {event.id}: `tool` is missing")
         ok = data.get("outcome", "ok") == "ok"
-        return ChargeRequest(TOOL_PRICE_PREFIX + tool[:150], event.occurred_at, 0, 0, 0, int(ok))
+        return PriceRequest(TOOL_PRICE_PREFIX + tool[:150], event.occurred_at, 0, 0, 0, int(ok))
 
     @staticmethod
-    def _entry(event: Event, request: ChargeRequest, charge: Charge | None, now: datetime) -> NewEntry:
+    def _entry(event: Event, request: PriceRequest, charge: Charge | None, now: datetime) -> NewEntry:
         data = event.data
         is_model = event.topic == MODEL_USAGE
         return NewEntry(

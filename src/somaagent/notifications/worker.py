@@ -8,7 +8,6 @@ same row) that marks the rows `sending` with a lease; the slow part, sending, ho
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,6 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.core.clock import utcnow
+from somaagent.core.periodic import Periodic
 from somaagent.notifications.channels import DeliveryFailed, Outgoing, Sender
 from somaagent.notifications.payloads import notification_json
 from somaagent.notifications.tables import Delivery, Notification, Webhook
@@ -64,38 +64,26 @@ class DeliveryWorker:
         self._sessions = sessions
         self._senders = senders
         self._retry = retry
-        self._poll_s = poll_s
         self._batch = batch
         self._lease = timedelta(seconds=lease_s)
         self._limit = asyncio.Semaphore(concurrency)
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("notification delivery pass", self._deliver_all_due, poll_s, log=log)
 
     def poke(self) -> None:
         """Ask for a pass soon (new deliveries were committed)."""
-        self._wakeup.set()
+        self._periodic.poke()
 
     def start(self) -> None:
         """Begin delivering in the background."""
-        self._task = asyncio.create_task(self._run(), name="notification-deliveries")
+        self._periodic.start()
 
     async def close(self) -> None:
         """Stop delivering; a claimed delivery left unsent is taken again when its lease expires."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._periodic.close()
 
-    async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_s)
-            self._wakeup.clear()
-            try:
-                while await self.deliver_due() == self._batch:
-                    pass
-            except Exception:  # the loop must outlive a database hiccup
-                log.exception("notification delivery pass failed")
+    async def _deliver_all_due(self) -> None:
+        while await self.deliver_due() == self._batch:
+            pass
 
     async def deliver_due(self) -> int:
         """Claim, send and record one batch of due deliveries; returns how many were claimed."""

@@ -14,13 +14,12 @@ once per period.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from somaagent.core.periodic import Periodic
 from somaagent.events.notices import Severity, notification_event
 from somaagent.events.outbox import insert_events
 from somaagent.events.schemas import Event
@@ -103,10 +102,9 @@ class BudgetAlerts:
     ) -> None:
         self._sessions = sessions
         self._budgets = budgets
-        self._interval_s = interval_s
         self._on_outbox = on_outbox
         self._told: set[str] = set()  # notification ids staged by this process
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("budget alert pass", self.check, interval_s, log=log)
 
     async def check(self) -> int:
         """One pass: stage the alerts not yet staged; returns how many."""
@@ -128,21 +126,8 @@ class BudgetAlerts:
 
     def start(self) -> None:
         """Check in the background every `interval_s`."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="budget-alerts")
+        self._periodic.start()
 
     async def close(self) -> None:
         """Stop checking."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            try:
-                await self.check()
-            except Exception:  # the next pass tries again
-                log.warning("budget alert pass failed", exc_info=True)
+        await self._periodic.close()

@@ -12,8 +12,6 @@ such a call is refused rather than silently free.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -28,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from somaagent.core.clock import utcnow
 from somaagent.core.errors import BudgetExceeded, Conflict, InvalidRequest, NotFound
 from somaagent.core.ids import new_id
+from somaagent.core.periodic import Periodic
 from somaagent.core.principal import Principal
 from somaagent.events.outbox import audit
 from somaagent.policy.budget_stores import (
@@ -162,7 +161,7 @@ class Budgets:
         self._ttl_s = ttl_s
         self._reservation_ttl = timedelta(seconds=reservation_ttl_s)
         self._cache: dict[str, tuple[list[BudgetInfo], float]] = {}
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweeper: Periodic | None = None
 
     def invalidate(self, tenant_id: str) -> None:
         """Forget the cached budgets of a tenant (after a change here)."""
@@ -365,25 +364,19 @@ class Budgets:
     def start_sweeper(self, interval_s: float = 30.0) -> None:
         """Sweep in the background every `interval_s` (every replica may; a reservation is charged once)."""
         if self._sweeper is None:
-            self._sweeper = asyncio.create_task(self._sweep_forever(interval_s), name="budget-sweeper")
+            self._sweeper = Periodic("budget sweep", self._sweep_and_tell, interval_s, log=log)
+            self._sweeper.start()
 
     async def close(self) -> None:
         """Stop the sweeper."""
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await self._sweeper.close()
             self._sweeper = None
 
-    async def _sweep_forever(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                charged = await self.sweep()
-                if charged:
-                    log.info("charged %d expired budget reservations in full", charged)
-            except Exception:  # the next pass tries again
-                log.warning("budget sweep failed", exc_info=True)
+    async def _sweep_and_tell(self) -> None:
+        charged = await self.sweep()
+        if charged:
+            log.info("charged %d expired budget reservations in full", charged)
 
     def _exceeded(self, refused: BudgetRefused, budgets: list[BudgetInfo], now: datetime) -> BudgetExceeded:
         budget = next(b for b in budgets if b.id == refused.hold.budget_id)
