@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from somaagent.analytics.anomalies import AnomalyDetector, AnomalySettings
 from somaagent.analytics.histogram import COLUMNS
 from somaagent.analytics.rollups import GROUP, TOPICS, AnalyticsConsumer
-from somaagent.analytics.tables import AnalyticsRollup
+from somaagent.analytics.tables import COUNTERS, AnalyticsRollup
 from somaagent.api.composition import PriceBookPricing
 from somaagent.core.ids import new_id, new_request_id
 from somaagent.core.principal import OPERATOR, Principal
@@ -147,18 +147,5 @@ async def rollup_rows(
         found: dict[tuple[Any, ...], dict[str, int]] = {}
         for row in rows:
             key = (row["bucket"], row["kind"], row["name"], row["detail"])
-            found[key] = {
-                name: int(row[name])
-                for name in (
-                    "count",
-                    "errors",
-                    "prompt_tokens",
-                    "completion_tokens",
-                    "cached_tokens",
-                    "cost_micros",
-                    "unpriced",
-                    "duration_us_sum",
-                    *COLUMNS,
-                )
-            }
+            found[key] = {name: int(row[name]) for name in (*COUNTERS, *COLUMNS)}
         return found

@@ -16,18 +16,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from somaagent.analytics.histogram import BUCKETS, COLUMNS, percentile
-from somaagent.analytics.tables import AnalyticsRollup, Anomaly
+from somaagent.analytics.tables import COUNTERS, AnalyticsRollup, Anomaly
 
-_SUMMED = (
-    "count",
-    "errors",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "cost_micros",
-    "unpriced",
-    "duration_us_sum",
-)
 # The dimensions a chart of each kind may group by, and the rollup column each one reads
 # (`hour` and `day` are the bucket).
 DIMENSIONS: dict[str, dict[str, str]] = {
@@ -53,10 +43,10 @@ class Totals:
     histogram: list[int] = field(default_factory=lambda: [0] * BUCKETS)
 
     def add(self, values: Sequence[Any]) -> None:
-        """Add one result row: the `_SUMMED` values, then the histogram."""
-        for name, value in zip(_SUMMED, values[: len(_SUMMED)], strict=True):
+        """Add one result row: the `COUNTERS` values, then the histogram."""
+        for name, value in zip(COUNTERS, values[: len(COUNTERS)], strict=True):
             setattr(self, name, getattr(self, name) + int(value or 0))
-        for i, value in enumerate(values[len(_SUMMED) :]):
+        for i, value in enumerate(values[len(COUNTERS) :]):
             self.histogram[i] += int(value or 0)
 
     @property
@@ -90,7 +80,7 @@ class GroupedTotals:
 
 def _sums() -> list[Any]:
     c = AnalyticsRollup.__table__.c
-    return [func.sum(c[name]) for name in (*_SUMMED, *COLUMNS)]
+    return [func.sum(c[name]) for name in (*COUNTERS, *COLUMNS)]
 
 
 async def totals_by_kind(

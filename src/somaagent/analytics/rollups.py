@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from somaagent.analytics.anomaly_state import ensure_baselines
 from somaagent.analytics.histogram import BUCKETS, COLUMNS, bucket_of
 from somaagent.analytics.pricing import Pricing
-from somaagent.analytics.tables import AnalyticsRollup
+from somaagent.analytics.tables import COUNTERS, AnalyticsRollup
 from somaagent.core.pricing import PriceRequest
 from somaagent.db.statements import upsert_adding
 from somaagent.events.schemas import CONVERSATION_EVENTS, MODEL_USAGE, POLICY_DECISIONS, TOOL_CALLS, Event
@@ -31,17 +31,7 @@ RUN_ENDINGS = ("completed", "failed", "cancelled")  # other run statuses are not
 TOOL_PRICE_PREFIX = "tool:"  # a tool's entry in the price book
 _NAME_CHARS = 160
 _KEY = ("tenant_id", "period", "bucket", "kind", "name", "detail")
-_SUMS = (
-    "count",
-    "errors",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "cost_micros",
-    "unpriced",
-    "duration_us_sum",
-    *COLUMNS,
-)
+_SUMS = (*COUNTERS, *COLUMNS)
 _ROWS_PER_STATEMENT = 500
 
 

@@ -35,6 +35,19 @@ class UsageRecord(TenantMixin, Base):
     day: Mapped[str] = mapped_column(String(10))  # YYYY-MM-DD (UTC), the rollup key
 
 
+# The counters of a rollup row, summed by every writer and reader (the histogram's columns follow them).
+COUNTERS = (
+    "count",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cost_micros",
+    "unpriced",
+    "duration_us_sum",
+)
+
+
 class AnalyticsRollup(TenantMixin, Base):
     """Counters of one tenant's model calls, runs, tool calls or policy decisions in one bucket.
 
