@@ -230,6 +230,11 @@ class Settings(BaseSettings):
     smtp_username: str | None = Field(default=None, description="SMTP login, if the server needs one.")
     smtp_password: str | None = Field(default=None, description="SMTP password.", repr=False)
     smtp_starttls: bool = Field(default=False, description="Upgrade the SMTP connection with STARTTLS.")
+    webhook_allowlist: str = Field(
+        default="",
+        description="Comma-separated hosts, `*.suffix` names, IPs or CIDRs webhooks may reach although "
+        "they are not public (loopback, private, link-local): internal receivers an operator trusts.",
+    )
     webhook_max_attempts: int = Field(
         default=5, ge=1, description="Webhook deliveries tried this many times before the dead letter."
     )
@@ -299,6 +304,11 @@ class Settings(BaseSettings):
         if self.event_consumers == "none":
             return frozenset()
         return frozenset(self.event_consumers.split(","))
+
+    @property
+    def webhook_allowlist_entries(self) -> tuple[str, ...]:
+        """`webhook_allowlist` as entries."""
+        return tuple(part.strip() for part in self.webhook_allowlist.split(",") if part.strip())
 
     @property
     def catalog(self) -> list[ModelSpec]:

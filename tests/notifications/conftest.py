@@ -173,6 +173,7 @@ def notify_env(smtp_port: int) -> dict[str, str]:
         "SOMA_WEBHOOK_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
         "SOMA_WEBHOOK_BACKOFF_S": str(BACKOFF_S),
         "SOMA_NOTIFICATIONS_FANOUT": "local",
+        "SOMA_WEBHOOK_ALLOWLIST": "127.0.0.1",  # the test receivers; everything else internal stays refused
     }
 
 

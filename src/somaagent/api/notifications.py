@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-import httpx
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +16,7 @@ from somaagent.api import notifications_inbox, notifications_settings, notificat
 from somaagent.api.composition import Check, Platform
 from somaagent.api.deps import NotificationsSendDep, ServicesDep, SessionDep
 from somaagent.api.openai.docs import error_responses
+from somaagent.api.webhook_poster import GuardedWebhookPoster
 from somaagent.config import Settings
 from somaagent.events.consumers import ConsumerSpec
 from somaagent.events.schemas import NOTIFICATIONS_OUTBOUND
@@ -124,7 +124,7 @@ class NotificationsComponent:
     fanout: Fanout
     sealer: Sealer
     worker: DeliveryWorker
-    http: httpx.AsyncClient
+    webhooks: GuardedWebhookPoster
     consumers: list[ConsumerSpec] = field(default_factory=list)
     readiness: list[tuple[str, Check]] = field(default_factory=list)
 
@@ -137,7 +137,7 @@ class NotificationsComponent:
         """Stop delivering, leave the fan-out."""
         await self.worker.close()
         await self.fanout.close()
-        await self.http.aclose()
+        await self.webhooks.close()
 
 
 def build_fanout(settings: Settings) -> Fanout:
@@ -153,7 +153,7 @@ def build_notifications(platform: Platform) -> NotificationsComponent:
     settings = platform.settings
     fanout = build_fanout(settings)
     sealer = SecretBox(platform.secret, "webhook-secrets")
-    http = httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT_S, follow_redirects=False)
+    webhooks = GuardedWebhookPoster(settings.webhook_allowlist_entries, WEBHOOK_TIMEOUT_S)
     senders: dict[str, Sender] = {
         "websocket": SocketSender(fanout),
         "email": EmailSender(
@@ -166,7 +166,7 @@ def build_notifications(platform: Platform) -> NotificationsComponent:
                 starttls=settings.smtp_starttls,
             )
         ),
-        "webhook": WebhookSender(sealer, http),
+        "webhook": WebhookSender(sealer, webhooks),
     }
     worker = DeliveryWorker(
         platform.sessions,
@@ -182,7 +182,7 @@ def build_notifications(platform: Platform) -> NotificationsComponent:
         fanout=fanout,
         sealer=sealer,
         worker=worker,
-        http=http,
+        webhooks=webhooks,
         consumers=[ConsumerSpec("notifications", (NOTIFICATIONS_OUTBOUND,), consumer)],
         readiness=readiness,
     )

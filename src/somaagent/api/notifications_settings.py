@@ -198,6 +198,8 @@ async def create_webhook(
         body.secret,
         principal.subject,
     )
+    # After the cheap checks (scheme, secret, the tenant's count); refused here, nothing is committed.
+    await services.notifications.webhooks.check(body.url)
     audit(
         session,
         principal.subject,

@@ -12,7 +12,6 @@ from email.message import EmailMessage
 from typing import Any, Protocol
 
 import aiosmtplib
-import httpx
 import orjson
 
 from somaagent.notifications.fanout import Fanout, FanoutUnavailable
@@ -33,6 +32,14 @@ class Outgoing:
     notification: dict[str, Any]
     event_id: str
     webhook: Webhook | None = None
+
+
+class WebhookPoster(Protocol):
+    """POSTs a body to a webhook URL: (status, the start of the answer's body), or `DeliveryFailed`
+    (refused address, timeout, connection error). The app factory gives one that refuses internal
+    addresses; notifications decides nothing about where a tenant's URL may point."""
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]: ...
 
 
 class Sender(Protocol):
@@ -121,9 +128,9 @@ class EmailSender:
 class WebhookSender:
     """POSTs the notification as JSON, signed with the endpoint's secret; only a 2xx counts as sent."""
 
-    def __init__(self, sealer: Sealer, client: httpx.AsyncClient) -> None:
+    def __init__(self, sealer: Sealer, poster: WebhookPoster) -> None:
         self._sealer = sealer
-        self._client = client
+        self._poster = poster
 
     async def send(self, outgoing: Outgoing) -> None:
         """POST once; a non-2xx answer, a timeout or a refused connection fails the attempt."""
@@ -142,9 +149,6 @@ class WebhookSender:
             "x-soma-event-id": outgoing.event_id,
             "x-soma-delivery-id": outgoing.delivery.id,
         }
-        try:
-            response = await self._client.post(webhook.url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            raise DeliveryFailed(f"POST {webhook.url}: {type(exc).__name__}: {exc}"[:1000]) from exc
-        if not 200 <= response.status_code < 300:
-            raise DeliveryFailed(f"POST {webhook.url} answered {response.status_code}: {response.text[:200]}")
+        status, answer = await self._poster.post(webhook.url, body, headers)
+        if not 200 <= status < 300:
+            raise DeliveryFailed(f"POST {webhook.url} answered {status}: {answer}")

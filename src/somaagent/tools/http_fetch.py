@@ -1,6 +1,8 @@
 """The built-in `http_fetch` tool's engine: one GET, capped in size and time, never at internal addresses.
 
-Owns: `FetchPolicy`, `FetchResult`, `http_fetch`, `FetchError` and its subclasses.
+Owns: `FetchPolicy`, `FetchResult`, `http_fetch`, `FetchError` and its subclasses, and the guard itself
+(`check_target`, `check_resolves`, `guarded_connector`) for the platform's other outbound HTTP (the app
+factory gives it to the webhook channel).
 May import: core. Never: db, models, api — a fetch is a pure function of (url, policy).
 
 Server-side request forgery is the threat: a model told to "fetch" `http://169.254.169.254/` or an
@@ -181,8 +183,8 @@ def _check_address(address: IPAddress, host: str, policy: FetchPolicy) -> None:
         return
     shown = host if host == str(address) else f"{host} ({address})"
     raise FetchBlocked(
-        f"refused to fetch {shown}: it is a {reason} address, which tools may not reach; "
-        "a tenant admin can allowlist the host or its network if this is intended"
+        f"refused to connect to {shown}: it is a {reason} address, which SomaAgent does not reach on "
+        "a tenant's behalf; allowlist the host or its network if this is intended"
     )
 
 
@@ -234,6 +236,38 @@ def _check_url(url: URL, policy: FetchPolicy) -> None:
     _check_address(address, host, policy)
 
 
+def guarded_connector(policy: FetchPolicy, *, limit: int = 100) -> aiohttp.TCPConnector:
+    """A connector that connects only to addresses `policy` allows: every name is resolved afresh (no
+    DNS cache) through the checking resolver. Literal-IP URLs bypass resolvers: `check_target` them."""
+    return aiohttp.TCPConnector(resolver=_CheckingResolver(policy), use_dns_cache=False, limit=limit)
+
+
+def check_target(url: str, policy: FetchPolicy) -> URL:
+    """`url` parsed, or `FetchBadUrl` / `FetchBlocked` when its scheme or literal address is refused
+    (names are checked when the connector resolves them)."""
+    try:
+        target = URL(url)
+    except (ValueError, TypeError) as exc:
+        raise FetchBadUrl(f"refused {url[:200]!r}: not a valid URL ({exc})") from exc
+    _check_url(target, policy)
+    return target
+
+
+async def check_resolves(url: str, policy: FetchPolicy) -> None:
+    """`check_target`, then resolve a host name now and refuse it if no address it has is allowed: an
+    early, clear answer when a URL is registered (the connector checks again at every connection)."""
+    target = check_target(url, policy)
+    host = target.raw_host or ""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        resolver = _CheckingResolver(policy)
+        try:
+            await resolver.resolve(host, target.port or 0, socket.AF_UNSPEC)
+        finally:
+            await resolver.close()
+
+
 async def http_fetch(url: str, policy: FetchPolicy) -> FetchResult:
     """GET `url` under `policy` (size, time, redirect and address limits); there is no other method."""
     try:
@@ -252,7 +286,7 @@ async def http_fetch(url: str, policy: FetchPolicy) -> FetchResult:
 
 
 async def _fetch(target: URL, policy: FetchPolicy) -> FetchResult:
-    connector = aiohttp.TCPConnector(resolver=_CheckingResolver(policy), use_dns_cache=False, limit=1)
+    connector = guarded_connector(policy, limit=1)
     redirects: list[str] = []
     async with aiohttp.ClientSession(
         connector=connector,
