@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import JSON, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -54,7 +54,9 @@ async def insert_rows_skipping_duplicates(
 
     On PostgreSQL the rows travel as one array per column, unpacked by `unnest`: one statement and one
     set of parameters for the whole batch, where an executemany would process every row's parameters
-    in Python (the larger share of a bulk insert's cost). SQLite takes the executemany."""
+    in Python (the larger share of a bulk insert's cost). SQLite takes the executemany. The values go
+    to the driver as they are (no column type's own processing): scalar columns only, and aware
+    datetimes, as everywhere here."""
     if not rows:
         return []
     if session.get_bind().dialect.name != "postgresql":
@@ -67,6 +69,8 @@ async def insert_rows_skipping_duplicates(
     defaulted = [c.name for c in table.c if c.default is not None and c.name not in rows[0]]
     if defaulted:  # `unnest` bypasses SQLAlchemy, so its Python-side defaults would not apply
         raise ValueError(f"rows for {table.name} must give {', '.join(defaulted)} (they have defaults)")
+    if any(isinstance(table.c[name].type, JSON) for name in names):
+        raise ValueError(f"rows for {table.name}: JSON columns need the executemany path")
     # Array casts without lengths: a cast to varchar(n) would truncate silently; the column still refuses.
     arrays = ", ".join(
         f"CAST(:c{i} AS {_LENGTH.sub('', table.c[name].type.compile(dialect=_PG))}[])"
