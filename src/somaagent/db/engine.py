@@ -32,11 +32,24 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets readers run beside the one writer (several workers share the file);
     # synchronous=NORMAL is durable across process crashes, which is what WAL needs.
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    use_wal(cursor)
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def use_wal(cursor: Any) -> None:
+    """Put the database file in WAL mode (it stays so) unless it already is.
+
+    Switching takes an exclusive lock, and when two connections switch a fresh file at the same moment
+    SQLite may refuse one with "database is locked" whatever the busy timeout (rather than deadlock). So
+    migrations switch the file once, before any server opens it, and a server's connections only read
+    the mode.
+    """
+    cursor.execute("PRAGMA journal_mode")
+    if str(cursor.fetchone()[0]).lower() != "wal":
+        cursor.execute("PRAGMA journal_mode=WAL")
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -111,12 +111,11 @@ class BudgetAlerts:
         budgets = await self._budgets.every_budget()
         if not budgets:
             return 0
-        fresh = [
-            event
-            for status in await self._budgets.statuses(budgets)
-            for event in _notices(status)
-            if event.data["notification_id"] not in self._told
-        ]
+        notices = [event for status in await self._budgets.statuses(budgets) for event in _notices(status)]
+        # Only what still crosses needs remembering: a past period's ids (or a raised limit's) go, so the
+        # set stays as small as the budgets over a threshold now.
+        self._told &= {event.data["notification_id"] for event in notices}
+        fresh = [event for event in notices if event.data["notification_id"] not in self._told]
         if fresh:
             async with self._sessions() as session, session.begin():
                 await insert_events(session, fresh)

@@ -23,6 +23,7 @@ import somaagent.notifications.tables
 import somaagent.policy.tables
 import somaagent.tools.tables  # noqa: F401  (registers the tables on Base.metadata)
 from somaagent.db.base import Base
+from somaagent.db.engine import use_wal
 
 target_metadata = Base.metadata
 
@@ -42,7 +43,16 @@ async def _run_async() -> None:
     engine = create_async_engine(context.config.get_main_option("sqlalchemy.url") or "")
     async with engine.connect() as connection:
         await connection.run_sync(_run)
+        if connection.dialect.name == "sqlite":
+            await connection.run_sync(_use_wal)
     await engine.dispose()
+
+
+def _use_wal(connection: Connection) -> None:
+    # Here, once, before any server's connections open the file (see `use_wal`).
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    use_wal(cursor)
+    cursor.close()
 
 
 if context.is_offline_mode():
