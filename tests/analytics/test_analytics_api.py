@@ -148,6 +148,8 @@ def test_bad_parameters_are_400s_naming_them(tenant: TenantCtx) -> None:
         ("/v1/analytics/rollups", {"kind": "model", "since": "2026-01-01T00:00:00"}, "since"),
         ("/v1/analytics/rollups", {"kind": "model", "since": "2026-02-01", "until": "2026-01-01"}, "until"),
         ("/v1/analytics/rollups", {"kind": "model", "since": "2025-01-01", "until": "2026-01-01"}, "since"),
+        ("/v1/analytics/rollups", {"kind": "model", "until": "0001-01-01"}, "until"),  # no default window
+        ("/v1/analytics/rollups", {"kind": "model", "since": "9999-12-31T23:59:59Z"}, "since"),
         ("/v1/analytics/anomalies", {"metric": "cost"}, "metric"),
         ("/v1/analytics/anomalies", {"limit": 0}, "limit"),
         ("/v1/analytics/anomalies", {"limit": "many"}, "limit"),

@@ -48,7 +48,7 @@ TABLES = {
     "audit_log",
     "alembic_version",
 }
-HEAD = "0011"
+HEAD = "0012"
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import base64
 from collections import Counter
 from collections.abc import Sequence
 
+import orjson
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from somaagent.analytics.usage import store_usage
@@ -152,11 +153,14 @@ async def test_undecodable_payloads_are_dead_lettered_with_their_bytes(
     good = usage_event("ten_a")
     garbage = b"\xff not json"
     no_id = b'{"type": "model.usage", "version": 1, "occurred_at": "2026-01-01T00:00:00+00:00", "data": {}}'
+    # An id no table can hold: refused as invalid, so its dead letter (which keeps the bytes) can be
+    # recorded, rather than failing every insert and stalling the partition.
+    long_id = orjson.dumps(usage_event("ten_a").to_json() | {"id": "evt_" + "x" * 40})
     for _ in range(2):
-        await runner.handle_payloads(spec, MODEL_USAGE, [garbage, encode_event(good), no_id])
+        await runner.handle_payloads(spec, MODEL_USAGE, [garbage, encode_event(good), no_id, long_id])
     assert handler.applied() == [good.id]
     dead = await outbox_rows(sessions, DLQ)
-    assert sorted(base64.b64decode(d.data["payload_b64"]) for d in dead) == sorted([garbage, no_id])
+    assert sorted(base64.b64decode(d.data["payload_b64"]) for d in dead) == sorted([garbage, no_id, long_id])
     assert all(d.data["error"].startswith("envelope invalid") for d in dead)
     assert all(d.tenant_id is None for d in dead)
 

@@ -4,6 +4,7 @@ with retries and dead letters, validation, and tenant isolation."""
 
 from __future__ import annotations
 
+import base64
 import secrets
 import time
 from collections.abc import Callable
@@ -95,9 +96,10 @@ def test_a_notification_is_pushed_to_the_tenant_and_to_each_person_and_kept_in_t
     assert [n["id"] for n in page["data"]] == [more[2]["id"], more[1]["id"]] and page["has_more"]
     rest = bob.http.get("/v1/notifications/backlog", params={"limit": 2, "after": page["next_after"]}).json()
     assert [n["id"] for n in rest["data"]] == [more[0]["id"], everyone["id"]]
-    assert (
-        error_of(bob.http.get("/v1/notifications/backlog", params={"after": "nope"}), 400)["param"] == "after"
-    )
+    # Not a cursor, and one that names a moment UTC cannot hold (0001-01-01T00:00:00+01:00).
+    for after in ("nope", base64.urlsafe_b64encode(b"0001-01-01T00:00:00+01:00|x").decode()):
+        error = error_of(bob.http.get("/v1/notifications/backlog", params={"after": after}), 400)
+        assert error["param"] == "after"
     # A member may read but not send.
     refused = error_of(bob.http.post("/v1/notifications", json={"severity": "info", "message": "x"}), 403)
     assert "notifications:send" in refused["message"]

@@ -23,9 +23,9 @@ class UsageRecord(TenantMixin, Base):
     __table_args__ = (Index("ix_usage_records_tenant_day", "tenant_id", "day"),)
 
     event_id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    request_id: Mapped[str] = mapped_column(String(40))
+    request_id: Mapped[str] = mapped_column(String(64))  # a client's X-Request-Id may be 64
     key_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
-    model: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(256))  # what the OpenAI routes accept
     kind: Mapped[str] = mapped_column(String(16))  # "chat" | "embedding"
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)

@@ -100,7 +100,7 @@ async def _fresh(services: Services) -> None:
     """Publish this process's pending events first, so a caller sees what it just did (the in-process
     bus applies them before this returns; a broker's consumers a moment later)."""
     await services.emitter.flush()
-    await services.relay.relay_once()
+    await services.relay.catch_up()
 
 
 def _counters(totals: dict[str, Totals]) -> CountersOut:

@@ -135,7 +135,7 @@ async def read_ledger(
     cursor = decode_cursor(after) if after is not None else None
     acting = await acting_tenant(session, principal, tenant)
     await services.emitter.flush()  # this process's pending usage first (read-your-writes)
-    await services.relay.relay_once()
+    await services.relay.catch_up()
     where = LedgerFilter(acting.tenant_id, start, end, model, kind, key_id)
     page = await list_entries(session, where, limit, cursor)
     return LedgerListOut(

@@ -83,7 +83,7 @@ async def read_backlog(
 ) -> PageOut:
     """Your unread notifications (for you, your tenant, or its admins), held ones included, newest first.
     Each says `status` for you: `queued`, `held` (quiet hours, until `held_until`) or `delivered`."""
-    await services.relay.relay_once()  # read-your-writes: what this process just queued is recorded
+    await services.relay.catch_up()  # what this process just queued is recorded
     acting = await act_for_tenant(session, principal, tenant)
     page = await backlog(session, reader_of(acting), limit, after)
     return PageOut(data=page.items, has_more=page.has_more, next_after=page.next_after)

@@ -28,7 +28,7 @@ async def get_usage(
     tenant_id = (await get_tenant(session, principal, tenant)).id if tenant else principal.tenant_id
     # Make this process's pending usage visible before reading (read-your-writes for the caller).
     await services.emitter.flush()
-    await services.relay.relay_once()
+    await services.relay.catch_up()
     rows = await usage_by_model_day(session, tenant_id, start, end)
     return UsageOut(
         tenant_id=tenant_id,

@@ -43,6 +43,7 @@ DEAD_LETTERED = "event.dead_lettered"
 _STR = {"type": "string"}
 _ID = {"type": "string", "minLength": 1, "maxLength": 255}
 _NULLABLE_STR = {"type": ["string", "null"]}
+_MODEL = {"type": "string", "minLength": 1, "maxLength": 256}  # what the OpenAI routes accept
 _COUNT = {"type": "integer", "minimum": 0}
 _DURATION = {"type": "number", "minimum": 0}
 
@@ -59,7 +60,7 @@ def _body(required: Mapping[str, Any], optional: Mapping[str, Any] | None = None
 MODEL_USAGE_V1 = _body(
     {
         "request_id": _ID,
-        "model": _ID,
+        "model": _MODEL,
         "prompt_tokens": _COUNT,
         "completion_tokens": _COUNT,
         "latency_ms": _COUNT,

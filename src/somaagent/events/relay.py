@@ -133,6 +133,18 @@ class OutboxRelay:
             log.exception("relay pass after a flush failed; the background loop retries")
             self.poke()
 
+    async def catch_up(self) -> None:
+        """Read-your-writes before a read: one relay pass, so a local consumer has applied what this
+        process just committed. Never raises for the bus: during an outage (or its backoff) the read
+        answers from what is recorded, and the rows stay pending for the background loop."""
+        if time.monotonic() < self._retry_at:
+            return
+        try:
+            await self.relay_once()
+        except BusUnavailable as exc:
+            self._note_outage(exc)
+            self.poke()
+
     async def drain(self) -> int:
         """Relay passes until the outbox has no more pending rows this relay may publish; returns how
         many rows were taken. Raises `BusUnavailable` (rows stay pending) when the bus is down."""

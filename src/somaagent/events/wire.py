@@ -6,8 +6,22 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+from sqlalchemy import String
 
 from somaagent.events.schemas import Event
+from somaagent.events.tables import OutboxEvent
+
+
+def _column_length(name: str) -> int:
+    column_type = OutboxEvent.__table__.c[name].type
+    assert isinstance(column_type, String) and column_type.length is not None
+    return column_type.length
+
+
+# The envelope's strings must fit the columns an event is recorded in (its outbox row, a dead letter,
+# a group's mark): a longer one would fail that insert after the envelope was accepted, and a message
+# no group can record or dead-letter would stall its partition. So it is refused here, as invalid.
+_MAX_LENGTHS = {name: _column_length(name) for name in ("id", "type", "tenant_id", "actor")}
 
 
 class EnvelopeInvalid(ValueError):
@@ -44,6 +58,9 @@ def decode_event(topic: str, payload: bytes) -> Event:
         and occurred_at.tzinfo is not None
     ):
         raise EnvelopeInvalid("envelope fields have the wrong types (or occurred_at has no zone)")
+    for name, value in (("id", event_id), ("type", type_), ("tenant_id", tenant_id), ("actor", actor)):
+        if value is not None and len(value) > _MAX_LENGTHS[name]:
+            raise EnvelopeInvalid(f"envelope field {name} is longer than {_MAX_LENGTHS[name]} characters")
     return Event(
         topic=topic,
         type=type_,

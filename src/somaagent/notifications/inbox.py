@@ -70,11 +70,12 @@ def decode_after(value: str) -> tuple[datetime, str]:
         at = datetime.fromisoformat(when)
         if not item_id or at.tzinfo is None:
             raise ValueError(value)
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        at = at.astimezone(UTC)  # OverflowError for a moment UTC cannot hold (year 1 east of UTC)
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError) as exc:
         raise InvalidRequest(
             f"`after` {value[:80]!r} is not a cursor; pass `next_after` from the previous page", param="after"
         ) from exc
-    return at.astimezone(UTC), item_id
+    return at, item_id
 
 
 def _check_limit(limit: int) -> None:
