@@ -158,7 +158,7 @@ def test_real_calls_are_billed_and_every_view_agrees(
         "tenant": tenant.name,
         "entry_id": charge["id"],
         "amount_micros": -1,
-        "reason": "goodwill <credit>",
+        "reason": "=SUM(1) goodwill <credit>",  # HTML in the invoice page, a formula in a spreadsheet
     }
     error_of(tenant.http.post("/v1/billing/corrections", json=body), 403)
     made = admin.post("/v1/billing/corrections", json={**body, "idempotency_key": "once"})
@@ -171,7 +171,7 @@ def test_real_calls_are_billed_and_every_view_agrees(
         charge["id"],
         -1,
     )
-    assert tenant.http.get(f"/v1/billing/ledger/{correction['id']}").json()["reason"] == "goodwill <credit>"
+    assert tenant.http.get(f"/v1/billing/ledger/{correction['id']}").json()["reason"] == body["reason"]
     error_of(admin.post("/v1/billing/corrections", json={**body, "amount_micros": -(10**9)}), 400)
 
     month = datetime.now(UTC).strftime("%Y-%m")
@@ -197,6 +197,9 @@ def test_real_calls_are_billed_and_every_view_agrees(
     assert (
         inv["number"] in page.text and "goodwill &lt;credit&gt;" in page.text and "<credit>" not in page.text
     )
+    # In the CSV export the reason is text, not a formula a spreadsheet would run.
+    exported = csv.DictReader(io.StringIO(tenant.http.get("/v1/exports/billing-ledger?format=csv").text))
+    assert [row["reason"] for row in exported if row["id"] == correction["id"]] == ["'" + body["reason"]]
     empty = tenant.http.get("/v1/billing/invoices/2001-01").json()
     assert (empty["lines"], empty["total_micros"], empty["status"]) == ([], 0, "closed")
     assert admin.get("/v1/billing/summary", params={"tenant": tenant.name}).json()["total"][

@@ -98,11 +98,21 @@ def _csv_line(values: list[Any]) -> str:
     return buffer.getvalue()
 
 
-def _csv_value(value: Any) -> Any:
+# Columns whose text comes from callers (model names, request ids, a correction's reason): a cell that
+# starts like a formula gets a leading quote, the OWASP advice against CSV injection, so
+# `=HYPERLINK(...)` never runs in whoever opens the export. Numbers, negative ones included, stay as
+# they are.
+_CALLER_TEXT = frozenset({"item", "status", "request_id", "subject", "reason", "recorded_by"})
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_value(column: str, value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if column in _CALLER_TEXT and isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
     return value
 
 
@@ -114,7 +124,7 @@ async def export_chunks(
         yield _csv_line(list(EXPORT_COLUMNS)).encode()
         async for batch in _batches(sessions, where):
             yield "".join(
-                _csv_line([_csv_value(entry_record(e)[c]) for c in EXPORT_COLUMNS]) for e in batch
+                _csv_line([_csv_value(c, entry_record(e)[c]) for c in EXPORT_COLUMNS]) for e in batch
             ).encode()
         return
     yield b"["
