@@ -396,6 +396,8 @@ def test_bad_input_loses_nothing(new_tenant: Callable[..., TenantCtx], admin: ht
         api_error(response, response.status_code)
     # The admin's duplicate create is refused as a conflict, not a crash.
     api_error(admin.post("/v1/tenants", json={"name": tenant.name}), 409)
+    # A name shaped like another tenant's id would make `?tenant=` ambiguous.
+    assert api_error(admin.post("/v1/tenants", json={"name": tenant.id}), 400)["param"] == "name"
 
     tenants = {t["name"] for t in admin.get("/v1/tenants").json()["data"]}
     assert tenant.name in tenants

@@ -317,6 +317,40 @@ async def test_corrections_are_new_audited_entries_that_never_credit_more_than_c
 
 
 @on_session_loop
+async def test_two_concurrent_credits_never_take_more_than_the_entry_charged(sessions: Sessions) -> None:
+    book = PriceBook(sessions, 1.0)
+    model = f"m-{secrets.token_hex(3)}"
+    at = utcnow() + timedelta(seconds=1)
+    async with sessions() as session:
+        await book.set_price(session, OPERATOR_PRINCIPAL, model, 1_000_000, 1_000_000, effective_from=at)
+        await session.commit()
+    tenant = f"ten_{secrets.token_hex(6)}"
+    charge = usage_event(tenant, model, 600, 400, occurred_at=at)  # 1000 micro-USD
+    await deliver(sessions, billing_consumer(sessions), [charge])
+    async with sessions() as session:
+        original = await session.scalar(select(LedgerEntry).where(LedgerEntry.source_event_id == charge.id))
+    assert original is not None
+
+    async def credit(reason: str) -> str:
+        async with sessions() as session:
+            try:
+                await post_correction(session, "cli", tenant, original.id, -700, reason)
+            except InvalidRequest as refused:
+                return f"refused: {refused.param}"
+            await asyncio.sleep(0.3)  # hold the transaction while the other one checks
+            await session.commit()
+            return "credited"
+
+    outcomes = await asyncio.gather(credit("first"), credit("second"))
+    assert sorted(outcomes) == ["credited", "refused: amount_micros"]
+    async with sessions() as session:
+        corrected = await session.scalar(
+            select(func.sum(LedgerEntry.amount_micros)).where(LedgerEntry.corrects == original.id)
+        )
+    assert corrected == -700
+
+
+@on_session_loop
 async def test_invoices_of_empty_and_future_months(sessions: Sessions) -> None:
     now = datetime(2026, 3, 15, 12, tzinfo=UTC)
     async with sessions() as session:

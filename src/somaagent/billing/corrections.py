@@ -57,24 +57,22 @@ async def post_correction(
         )
         if earlier is not None:
             return earlier, False
+    # Corrections of one entry queue here, each seeing what the ones before it credited (PostgreSQL
+    # locks the row; SQLite has one writer, and the check after the insert below covers it).
+    await session.execute(
+        select(LedgerEntry.id)
+        .where(LedgerEntry.tenant_id == tenant_id, LedgerEntry.id == entry_id)
+        .with_for_update()
+    )
     original = await get_entry(session, tenant_id, entry_id)
     if original.kind == "correction":
         raise InvalidRequest(
             f"{entry_id} is itself a correction; correct the entry it corrects ({original.corrects})",
             param="entry_id",
         )
-    corrected = await session.scalar(
-        select(func.coalesce(func.sum(LedgerEntry.amount_micros), 0)).where(
-            LedgerEntry.tenant_id == tenant_id, LedgerEntry.corrects == entry_id
-        )
-    )
-    net = original.amount_micros + int(corrected or 0)
+    net = original.amount_micros + await _corrected(session, tenant_id, entry_id)
     if net + amount_micros < 0:
-        raise InvalidRequest(
-            f"a correction of {amount_micros} would credit more than {entry_id} now charges "
-            f"({net} micro-USD)",
-            param="amount_micros",
-        )
+        raise _credits_too_much(amount_micros, entry_id, net)
     now = utcnow()
     entry = NewEntry(
         id=new_id("led"),
@@ -106,6 +104,11 @@ async def post_correction(
         if found is None:
             raise InvalidRequest("the correction could not be recorded; send it again", param="entry_id")
         return found, False
+    # On SQLite the checks above may have read before a concurrent correction committed; this one runs
+    # holding the write lock, so it sees them all (the caller rolls back, dropping this entry).
+    net_after = original.amount_micros + await _corrected(session, tenant_id, entry_id)
+    if net_after < 0:
+        raise _credits_too_much(amount_micros, entry_id, net_after - amount_micros)
     audit(
         session,
         actor,
@@ -117,3 +120,20 @@ async def post_correction(
         reason=reason,
     )
     return await get_entry(session, tenant_id, entry.id), True
+
+
+async def _corrected(session: AsyncSession, tenant_id: str, entry_id: str) -> int:
+    """The sum of the corrections of `entry_id` so far."""
+    total = await session.scalar(
+        select(func.coalesce(func.sum(LedgerEntry.amount_micros), 0)).where(
+            LedgerEntry.tenant_id == tenant_id, LedgerEntry.corrects == entry_id
+        )
+    )
+    return int(total or 0)
+
+
+def _credits_too_much(amount_micros: int, entry_id: str, net: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"a correction of {amount_micros} would credit more than {entry_id} now charges ({net} micro-USD)",
+        param="amount_micros",
+    )

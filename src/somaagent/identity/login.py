@@ -29,6 +29,7 @@ from somaagent.identity.capabilities import ROLE_CAPABILITIES, Capability, capab
 from somaagent.identity.login_addresses import note_login_address
 from somaagent.identity.passwords import hash_secret, needs_rehash, verify_secret
 from somaagent.identity.secret_box import SecretBox
+from somaagent.identity.service import find_tenant
 from somaagent.identity.tables import RefreshToken, Tenant, User
 from somaagent.identity.throttle import (
     ThrottlePolicy,
@@ -121,7 +122,7 @@ class Logins:
         await self._tokens.ensure_signing_key()
         name = username.strip().lower()
         async with self._sessions() as session:
-            tenant = await _tenant(session, tenant_ref)
+            tenant = await find_tenant(session, tenant_ref)
             user = None
             if tenant is not None:
                 user = await session.scalar(
@@ -453,10 +454,6 @@ class Logins:
 
     def _digest(self, refresh_token: str) -> str:
         return hmac.new(self._refresh_key, refresh_token.encode(), hashlib.sha256).hexdigest()
-
-
-async def _tenant(session: AsyncSession, ref: str) -> Tenant | None:
-    return await session.scalar(select(Tenant).where((Tenant.id == ref) | (Tenant.name == ref)))
 
 
 async def end_refresh_tokens(session: AsyncSession, actor: Principal | None, user: User) -> None:

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,6 +27,7 @@ from somaagent.identity.keys import generate_key, hash_key, visible_prefix
 from somaagent.identity.tables import ApiKey, RevocationEpoch, Tenant
 
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+TENANT_ID_PREFIX = "ten"  # ids are `ten_<hex>`
 KEY_SCOPES = ("tenant", "admin")
 
 
@@ -96,9 +97,14 @@ async def create_tenant(session: AsyncSession, principal: Principal | None, name
         raise InvalidRequest(
             f"invalid tenant name {name!r}: use 1-63 lowercase letters, digits, '-' or '_'", param="name"
         )
+    if name.startswith(TENANT_ID_PREFIX + "_"):  # `?tenant=` and the CLI take an id or a name: never both
+        raise InvalidRequest(
+            f"invalid tenant name {name!r}: names may not start with '{TENANT_ID_PREFIX}_', as ids do",
+            param="name",
+        )
     if await session.scalar(select(Tenant.id).where(Tenant.name == name)):
         raise Conflict(f"tenant {name!r} already exists", param="name")
-    tenant = Tenant(id=new_id("ten"), name=name, created_at=utcnow(), disabled=False)
+    tenant = Tenant(id=new_id(TENANT_ID_PREFIX), name=name, created_at=utcnow(), disabled=False)
     session.add(tenant)
     audit(session, actor_of(principal), tenant.id, "tenant.created", name=name)
     try:
@@ -116,9 +122,16 @@ async def list_tenants(session: AsyncSession, principal: Principal | None) -> li
     return list((await session.scalars(query)).all())
 
 
+async def find_tenant(session: AsyncSession, ref: str) -> Tenant | None:
+    """The tenant whose id or name is `ref`, whoever asks."""
+    # An id wins over a name (a tenant named like another's id predates the rule against it).
+    query = select(Tenant).where((Tenant.id == ref) | (Tenant.name == ref))
+    return await session.scalar(query.order_by(case((Tenant.id == ref, 0), else_=1)).limit(1))
+
+
 async def get_tenant(session: AsyncSession, principal: Principal | None, ref: str) -> Tenant:
     """A tenant by id or name, if the caller may see it."""
-    tenant = await session.scalar(select(Tenant).where((Tenant.id == ref) | (Tenant.name == ref)))
+    tenant = await find_tenant(session, ref)
     if tenant is None or (principal is not None and not principal.can_act_for(tenant.id)):
         raise NotFound(f"no tenant {ref!r}; list them with `soma tenants list`", param="tenant")
     return tenant

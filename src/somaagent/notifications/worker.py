@@ -57,16 +57,18 @@ class DeliveryWorker:
         retry: RetryPolicy,
         *,
         poll_s: float = 1.0,
-        batch: int = 100,
+        batch: int = 16,
         lease_s: float = 60.0,
-        concurrency: int = 16,
     ) -> None:
         self._sessions = sessions
         self._senders = senders
         self._retry = retry
+        # A pass claims `batch` deliveries and sends them all at once: every claimed delivery is sent
+        # within one sender timeout (seconds) of its claim, well inside the lease. (Claiming more than
+        # it sends at once let the last ones start after their lease had ended, and another replica
+        # sent them too.)
         self._batch = batch
         self._lease = timedelta(seconds=lease_s)
-        self._limit = asyncio.Semaphore(concurrency)
         self._periodic = Periodic("notification delivery pass", self._deliver_all_due, poll_s, log=log)
 
     def poke(self) -> None:
@@ -160,14 +162,13 @@ class DeliveryWorker:
         sender = self._senders.get(delivery.channel)
         if sender is None:
             return Outcome(delivery.id, delivery.attempts, f"no sender for channel {delivery.channel!r}")
-        async with self._limit:
-            try:
-                await sender.send(outgoing)
-            except DeliveryFailed as exc:
-                return Outcome(delivery.id, delivery.attempts, str(exc) or type(exc).__name__)
-            except Exception as exc:  # a sender bug fails this delivery, not the batch
-                log.exception("notification sender %s failed", delivery.channel)
-                return Outcome(delivery.id, delivery.attempts, f"{type(exc).__name__}: {exc}"[:1000])
+        try:
+            await sender.send(outgoing)
+        except DeliveryFailed as exc:
+            return Outcome(delivery.id, delivery.attempts, str(exc) or type(exc).__name__)
+        except Exception as exc:  # a sender bug fails this delivery, not the batch
+            log.exception("notification sender %s failed", delivery.channel)
+            return Outcome(delivery.id, delivery.attempts, f"{type(exc).__name__}: {exc}"[:1000])
         return Outcome(delivery.id, delivery.attempts, None)
 
     async def _record(self, outcomes: list[Outcome]) -> None:
