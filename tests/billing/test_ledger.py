@@ -254,22 +254,30 @@ async def test_the_database_refuses_to_update_or_delete_ledger_entries(sessions:
                 await session.execute(text("TRUNCATE ledger_entries"))
 
 
-@on_session_loop
-async def test_corrections_are_new_audited_entries_that_never_credit_more_than_charged(
-    sessions: Sessions,
-) -> None:
+async def _charge_of_1000_micros(sessions: Sessions) -> tuple[str, str, LedgerEntry]:
+    """A fresh tenant, a model priced $1 per million tokens, and its ledger entry for 1000 tokens."""
     book = PriceBook(sessions, 1.0)
     model = f"m-{secrets.token_hex(3)}"
     at = utcnow() + timedelta(seconds=1)
     async with sessions() as session:
         await book.set_price(session, OPERATOR_PRINCIPAL, model, 1_000_000, 1_000_000, effective_from=at)
         await session.commit()
-    tenant, other = f"ten_{secrets.token_hex(6)}", f"ten_{secrets.token_hex(6)}"
-    charge = usage_event(tenant, model, 600, 400, occurred_at=at)  # 1000 micro-USD
+    tenant = f"ten_{secrets.token_hex(6)}"
+    charge = usage_event(tenant, model, 600, 400, occurred_at=at)
     await deliver(sessions, billing_consumer(sessions), [charge])
     async with sessions() as session:
         original = await session.scalar(select(LedgerEntry).where(LedgerEntry.source_event_id == charge.id))
-        assert original is not None and original.amount_micros == 1000
+    assert original is not None and original.amount_micros == 1000
+    return tenant, model, original
+
+
+@on_session_loop
+async def test_corrections_are_new_audited_entries_that_never_credit_more_than_charged(
+    sessions: Sessions,
+) -> None:
+    tenant, model, original = await _charge_of_1000_micros(sessions)
+    other = f"ten_{secrets.token_hex(6)}"
+    async with sessions() as session:
         with pytest.raises(NotFound):  # another tenant's entry does not exist for it
             await post_correction(session, "cli", other, original.id, -10, "wrong tenant")
         fixed, created = await post_correction(
@@ -318,18 +326,7 @@ async def test_corrections_are_new_audited_entries_that_never_credit_more_than_c
 
 @on_session_loop
 async def test_two_concurrent_credits_never_take_more_than_the_entry_charged(sessions: Sessions) -> None:
-    book = PriceBook(sessions, 1.0)
-    model = f"m-{secrets.token_hex(3)}"
-    at = utcnow() + timedelta(seconds=1)
-    async with sessions() as session:
-        await book.set_price(session, OPERATOR_PRINCIPAL, model, 1_000_000, 1_000_000, effective_from=at)
-        await session.commit()
-    tenant = f"ten_{secrets.token_hex(6)}"
-    charge = usage_event(tenant, model, 600, 400, occurred_at=at)  # 1000 micro-USD
-    await deliver(sessions, billing_consumer(sessions), [charge])
-    async with sessions() as session:
-        original = await session.scalar(select(LedgerEntry).where(LedgerEntry.source_event_id == charge.id))
-    assert original is not None
+    tenant, _model, original = await _charge_of_1000_micros(sessions)
 
     async def credit(reason: str) -> str:
         async with sessions() as session:
