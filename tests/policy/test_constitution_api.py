@@ -18,7 +18,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from somaagent.api.constitution import platform_signer
+from somaagent.api.constitution_signer import platform_signer
 from somaagent.config import Settings
 from somaagent.policy.constitution import DEFAULT_CONSTITUTION
 from somaagent.policy.constitution_signing import ConstitutionSigner, document_sha256

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from somaagent.api.constitution import platform_signer
+from somaagent.api.constitution_signer import platform_signer
 from somaagent.config import Settings
 from somaagent.db.engine import create_engine
 from somaagent.policy.constitution_signing import ConstitutionSigner

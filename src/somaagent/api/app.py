@@ -38,6 +38,7 @@ from somaagent.api import sessions as sessions_api
 from somaagent.api import training as training_api
 from somaagent.api.admin import keys, profiles, tenants
 from somaagent.api.composition import Platform
+from somaagent.api.constitution_signer import platform_signer
 from somaagent.api.counters import build_counters
 from somaagent.api.errors import install_error_handlers
 from somaagent.api.event_bus import build_bus
@@ -240,9 +241,7 @@ def create_app(settings: Settings | None = None, *, migrate_on_start: bool = Tru
     catalog, clients, checks = build_catalog(settings, metrics)
     secret = settings.resolved_secret_key()
     profile_cache = ProfileCache(sessions)
-    constitutions = Constitutions(
-        sessions, constitution_api.platform_signer(secret), settings.policy_cache_ttl_s
-    )
+    constitutions = Constitutions(sessions, platform_signer(secret), settings.policy_cache_ttl_s)
     policy = PolicyService(
         sessions,
         constitutions,

@@ -11,10 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from somaagent.api.deps import ChatUseDep, OperatorDep, PolicyAdminDep, ServicesDep, SessionDep
 from somaagent.api.openai.docs import error_responses
-from somaagent.identity.secret_box import derive_key
 from somaagent.identity.service import act_for_tenant, get_tenant
 from somaagent.policy.constitution import ActiveConstitution, ValidationResult, VersionInfo
-from somaagent.policy.constitution_signing import ConstitutionSigner
 
 router = APIRouter(prefix="/v1/constitution", tags=["Governance"])
 
@@ -22,12 +20,6 @@ TenantQuery = Annotated[
     str | None, Query(max_length=63, description="Tenant id or name (operators: any; others: their own).")
 ]
 _DOCUMENT = "The constitution document: `{name, principles: [str], rules: [Rule]}`."
-
-
-def platform_signer(secret: bytes) -> ConstitutionSigner:
-    """The platform's constitution signer: an Ed25519 key derived from the server secret, so every replica
-    sharing `SOMA_SECRET_KEY` (and the local CLI) signs and trusts the same constitutions."""
-    return ConstitutionSigner.from_seed(derive_key(secret, "constitution"))
 
 
 class ConstitutionOut(BaseModel):

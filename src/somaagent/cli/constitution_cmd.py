@@ -17,7 +17,7 @@ import typer
 import yaml
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from somaagent.api.constitution import platform_signer
+from somaagent.api.constitution_signer import platform_signer
 from somaagent.config import Settings
 from somaagent.core.errors import SomaError
 from somaagent.core.principal import Principal
