@@ -41,7 +41,6 @@ from somaagent.api.billing_params import parse_range
 from somaagent.api.composition import Check, Platform, PriceBookPricing
 from somaagent.api.deps import AnalyticsReadDep, ServicesDep, SessionDep
 from somaagent.api.openai.docs import error_responses
-from somaagent.api.services import Services
 from somaagent.core.clock import utcnow
 from somaagent.core.errors import InvalidRequest
 from somaagent.core.pagination import ListOut
@@ -94,13 +93,6 @@ def build_analytics(platform: Platform) -> AnalyticsComponent:
 
 
 # Routes.
-
-
-async def _fresh(services: Services) -> None:
-    """Publish this process's pending events first, so a caller sees what it just did (the in-process
-    bus applies them before this returns; a broker's consumers a moment later)."""
-    await services.emitter.flush()
-    await services.relay.catch_up()
 
 
 def _counters(totals: dict[str, Totals]) -> CountersOut:
@@ -156,7 +148,7 @@ async def get_dashboard(
     """The one-sight view: live counters, error rate, p50/p95 latency, spend today against the budgets,
     today's busiest models, personas and tools, and the open anomalies."""
     acting = await act_for_tenant(session, principal, tenant)
-    await _fresh(services)
+    await services.catch_up()
     now = utcnow()
     today = hour_of(now).replace(hour=0)
     tenant_id = acting.tenant_id
@@ -254,7 +246,7 @@ async def get_rollups(
     dimensions = _group_by(kind, group_by)
     start, end = _range(since, until)
     acting = await act_for_tenant(session, principal, tenant)
-    await _fresh(services)
+    await services.catch_up()
     groups = await grouped_totals(session, acting.tenant_id, kind, start, end, dimensions)
     return RollupsOut(
         tenant_id=acting.tenant_id,

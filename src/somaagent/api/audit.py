@@ -85,8 +85,7 @@ async def read_audit(
     if start is not None and end is not None and start >= end:
         raise InvalidRequest("`until` must be later than `since`", param="until")
     # Make this process's pending events visible before reading (read-your-writes for the caller).
-    await services.emitter.flush()
-    await services.relay.catch_up()
+    await services.catch_up()
     where = AuditFilter(
         tenant_id=(await get_tenant(session, principal, tenant)).id if tenant is not None else None,
         type=event_type,

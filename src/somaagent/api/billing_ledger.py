@@ -134,8 +134,7 @@ async def read_ledger(
     start, end = parse_range(since, until)
     cursor = decode_cursor(after) if after is not None else None
     acting = await acting_tenant(session, principal, tenant)
-    await services.emitter.flush()  # this process's pending usage first (read-your-writes)
-    await services.relay.catch_up()
+    await services.catch_up()
     where = LedgerFilter(acting.tenant_id, start, end, model, kind, key_id)
     page = await list_entries(session, where, limit, cursor)
     return LedgerListOut(

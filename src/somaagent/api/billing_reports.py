@@ -153,8 +153,7 @@ async def billing_summary(
         )
     start, end = parse_range(since, until)
     acting = await acting_tenant(session, principal, tenant)
-    await services.emitter.flush()
-    await services.relay.catch_up()
+    await services.catch_up()
     rows = await summarize(session, acting.tenant_id, group_by, start, end)
     total = Totals()
     for row in rows:
@@ -186,8 +185,7 @@ async def billing_invoice(
     corrections, totals."""
     fmt = _format(format, ("json", "html"))
     acting = await acting_tenant(session, principal, tenant)
-    await services.emitter.flush()
-    await services.relay.catch_up()
+    await services.catch_up()
     invoice = await build_invoice(session, acting.tenant_id, acting.tenant_name, month, utcnow())
     if fmt == "html":
         return HTMLResponse(invoice_html(invoice))
@@ -217,8 +215,7 @@ async def export_ledger(
     fmt = _format(format, FORMATS)
     start, end = parse_range(since, until)
     acting = await acting_tenant(session, principal, tenant)
-    await services.emitter.flush()
-    await services.relay.catch_up()
+    await services.catch_up()
     # A fixed end: entries recorded while the export streams do not shift it.
     where = LedgerFilter(acting.tenant_id, start, end if end is not None else utcnow())
     media = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"

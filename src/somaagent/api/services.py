@@ -85,3 +85,10 @@ class Services:
     http_clients: list[UpstreamClient] = field(default_factory=list)
     readiness: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
     started_at: int = 0
+
+    async def catch_up(self) -> None:
+        """Read-your-writes before a read: this process's buffered usage is committed and its pending
+        events relayed, so a caller sees what it just did (the in-process bus applies them before this
+        returns; a broker's consumers a moment later). Never fails for a broker that is down."""
+        await self.emitter.flush()
+        await self.relay.catch_up()

@@ -27,8 +27,7 @@ async def get_usage(
     """Totals per (day, model). Usage events are written within `SOMA_OUTBOX_FLUSH_MS` of each call."""
     tenant_id = (await get_tenant(session, principal, tenant)).id if tenant else principal.tenant_id
     # Make this process's pending usage visible before reading (read-your-writes for the caller).
-    await services.emitter.flush()
-    await services.relay.catch_up()
+    await services.catch_up()
     rows = await usage_by_model_day(session, tenant_id, start, end)
     return UsageOut(
         tenant_id=tenant_id,
